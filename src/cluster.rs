@@ -1,0 +1,331 @@
+//! A registered cluster as the registry holds it, and the rules that turn Proxmox's answers
+//! into a status.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+
+use crate::domain::{ClusterId, ClusterStatus, Credentials, StatusReason};
+use crate::proxmox::{ClusterHealth, ProxmoxError};
+use crate::store::ClusterRecord;
+
+/// A monitor's verdict on one check.
+#[derive(Debug, Clone)]
+pub enum CheckOutcome {
+    /// Proxmox answered; `version` is set when this check read `/version`.
+    Answered {
+        health: ClusterHealth,
+        version: Option<String>,
+    },
+    Failed(ProxmoxError),
+}
+
+/// The status rules for a cluster that answered.
+pub fn assess(health: &ClusterHealth) -> (ClusterStatus, StatusReason) {
+    match health.quorate {
+        Some(false) => (ClusterStatus::Unhealthy, StatusReason::QuorumLost),
+        // Quorate, or a standalone node, which needs no quorum.
+        _ if health.nodes_online < health.node_count => {
+            (ClusterStatus::Degraded, StatusReason::NodeOffline)
+        }
+        _ => (ClusterStatus::Healthy, StatusReason::Ok),
+    }
+}
+
+/// What applying a check changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckEffect {
+    /// Something worth persisting changed (status, version, node counts, quorum, error).
+    pub changed: bool,
+    /// `(old, new)` when the status changed.
+    pub status_change: Option<(ClusterStatus, ClusterStatus)>,
+}
+
+/// A registered cluster: its persisted record plus what only lives while the daemon runs.
+#[derive(Debug)]
+pub struct Cluster {
+    pub record: ClusterRecord,
+    pub credentials: Credentials,
+    consecutive_failures: u32,
+    /// When the newest check completed, in this process; `None` until one has.
+    last_check: Option<Instant>,
+}
+
+impl Cluster {
+    /// A cluster just registered: the registration probe was its first check.
+    pub fn registered(record: ClusterRecord, credentials: Credentials) -> Self {
+        Self {
+            record,
+            credentials,
+            consecutive_failures: 0,
+            last_check: Some(Instant::now()),
+        }
+    }
+
+    /// A cluster loaded at start: nothing is known of it until its monitor reports.
+    pub fn loaded(mut record: ClusterRecord, credentials: Credentials) -> Self {
+        record.status = ClusterStatus::Unknown;
+        record.status_reason = StatusReason::NotChecked;
+        Self {
+            record,
+            credentials,
+            consecutive_failures: 0,
+            last_check: None,
+        }
+    }
+
+    pub fn id(&self) -> ClusterId {
+        self.record.id
+    }
+
+    /// Applies one check. Failures that may be a lost packet keep the last status until
+    /// `failure_threshold` of them come in a row; rejected credentials and missing privileges
+    /// are certain at once. Any answer heals whatever the failure was.
+    pub fn apply_check(
+        &mut self,
+        outcome: CheckOutcome,
+        failure_threshold: u32,
+        now: DateTime<Utc>,
+    ) -> CheckEffect {
+        let before = (
+            self.record.status,
+            self.record.proxmox_version.clone(),
+            self.record.node_count,
+            self.record.nodes_online,
+            self.record.quorate,
+        );
+        let before_detail = (self.record.status_reason, self.record.last_error.clone());
+        match outcome {
+            CheckOutcome::Answered { health, version } => {
+                self.consecutive_failures = 0;
+                let (status, reason) = assess(&health);
+                self.record.status = status;
+                self.record.status_reason = reason;
+                self.record.node_count = health.node_count;
+                self.record.nodes_online = health.nodes_online;
+                self.record.quorate = health.quorate;
+                if let Some(version) = version {
+                    self.record.proxmox_version = version;
+                }
+                self.record.last_error = None;
+            }
+            CheckOutcome::Failed(error) => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                let reason = error.status_reason();
+                let certain = matches!(reason, StatusReason::AuthFailed | StatusReason::Forbidden);
+                if certain || self.consecutive_failures >= failure_threshold {
+                    self.record.status = ClusterStatus::Unhealthy;
+                    self.record.status_reason = reason;
+                }
+                self.record.last_error = Some(error.to_string());
+            }
+        }
+        self.record.last_checked_at = Some(now);
+        self.last_check = Some(Instant::now());
+        let after = (
+            self.record.status,
+            self.record.proxmox_version.clone(),
+            self.record.node_count,
+            self.record.nodes_online,
+            self.record.quorate,
+        );
+        let shown_changed = before != after;
+        if shown_changed {
+            self.record.updated_at = now;
+        }
+        CheckEffect {
+            changed: shown_changed
+                || before_detail != (self.record.status_reason, self.record.last_error.clone()),
+            status_change: (before.0 != after.0).then_some((before.0, after.0)),
+        }
+    }
+
+    /// The cluster as the API shows it. A cluster whose newest check is older than
+    /// `stale_after` shows `unknown`: its monitor is stuck or restarting.
+    pub fn view(&self, stale_after: Duration) -> ClusterView {
+        let (status, status_reason) = match self.last_check {
+            Some(at) if at.elapsed() > stale_after => (ClusterStatus::Unknown, StatusReason::Stale),
+            _ => (self.record.status, self.record.status_reason),
+        };
+        let record = &self.record;
+        ClusterView {
+            id: record.id,
+            name: record.name.as_str().to_owned(),
+            api_endpoint: record.api_endpoint.as_str().to_owned(),
+            status,
+            proxmox_version: record.proxmox_version.clone(),
+            node_count: record.node_count,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+            last_checked_at: record.last_checked_at,
+            status_reason,
+            last_error: record.last_error.clone(),
+            nodes_online: record.nodes_online,
+            quorate: record.quorate,
+        }
+    }
+}
+
+/// The Cluster object of the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterView {
+    pub id: ClusterId,
+    pub name: String,
+    pub api_endpoint: String,
+    pub status: ClusterStatus,
+    pub proxmox_version: String,
+    pub node_count: u32,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub status_reason: StatusReason,
+    pub last_error: Option<String>,
+    pub nodes_online: u32,
+    pub quorate: Option<bool>,
+}
+
+/// `2024-01-11T10:30:00Z`, as the API specification shows timestamps.
+fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+fn rfc3339_opt<S: Serializer>(at: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => rfc3339(at, s),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ClusterName, Endpoint, ProxmoxUser, Secret};
+
+    fn health(quorate: Option<bool>, node_count: u32, nodes_online: u32) -> ClusterHealth {
+        ClusterHealth {
+            quorate,
+            node_count,
+            nodes_online,
+        }
+    }
+
+    fn sample() -> Cluster {
+        let vault_dir = tempfile::tempdir().expect("tempdir");
+        let vault = crate::secrets::Vault::create(&vault_dir.path().join("k")).expect("key");
+        let now = Utc::now();
+        let record = ClusterRecord {
+            format: ClusterRecord::FORMAT,
+            id: ClusterId::now_v7(),
+            name: ClusterName::parse("prod").expect("name"),
+            api_endpoint: Endpoint::parse("https://pve:8006").expect("endpoint"),
+            username: ProxmoxUser::parse("root@pam").expect("user"),
+            credential: vault.seal(&Secret::new("pw"), b"x").expect("seal"),
+            proxmox_version: "8.4.1".into(),
+            node_count: 3,
+            nodes_online: 3,
+            quorate: Some(true),
+            status: ClusterStatus::Healthy,
+            status_reason: StatusReason::Ok,
+            last_error: None,
+            last_checked_at: Some(now),
+            created_at: now,
+            updated_at: now,
+        };
+        let credentials = Credentials {
+            username: record.username.clone(),
+            password: Secret::new("pw"),
+        };
+        Cluster::registered(record, credentials)
+    }
+
+    #[test]
+    fn status_rules() {
+        assert_eq!(assess(&health(Some(true), 3, 3)).0, ClusterStatus::Healthy);
+        assert_eq!(assess(&health(None, 1, 1)).0, ClusterStatus::Healthy);
+        assert_eq!(
+            assess(&health(Some(true), 3, 2)),
+            (ClusterStatus::Degraded, StatusReason::NodeOffline)
+        );
+        assert_eq!(
+            assess(&health(Some(false), 3, 1)),
+            (ClusterStatus::Unhealthy, StatusReason::QuorumLost)
+        );
+    }
+
+    #[test]
+    fn unreachable_needs_the_threshold_and_one_answer_heals() {
+        let mut cluster = sample();
+        let down = || CheckOutcome::Failed(ProxmoxError::Unreachable("connection refused".into()));
+        for _ in 0..2 {
+            cluster.apply_check(down(), 3, Utc::now());
+            assert_eq!(cluster.record.status, ClusterStatus::Healthy);
+        }
+        let effect = cluster.apply_check(down(), 3, Utc::now());
+        assert_eq!(
+            effect.status_change,
+            Some((ClusterStatus::Healthy, ClusterStatus::Unhealthy))
+        );
+        assert_eq!(cluster.record.status_reason, StatusReason::Unreachable);
+        assert_eq!(
+            cluster.record.last_error.as_deref(),
+            Some("connection refused")
+        );
+        cluster.apply_check(
+            CheckOutcome::Answered {
+                health: health(Some(true), 3, 3),
+                version: None,
+            },
+            3,
+            Utc::now(),
+        );
+        assert_eq!(cluster.record.status, ClusterStatus::Healthy);
+        assert_eq!(cluster.record.last_error, None);
+    }
+
+    #[test]
+    fn rejected_credentials_are_unhealthy_at_once() {
+        let mut cluster = sample();
+        cluster.apply_check(
+            CheckOutcome::Failed(ProxmoxError::AuthenticationFailed),
+            3,
+            Utc::now(),
+        );
+        assert_eq!(cluster.record.status, ClusterStatus::Unhealthy);
+        assert_eq!(cluster.record.status_reason, StatusReason::AuthFailed);
+    }
+
+    #[test]
+    fn updated_at_moves_only_when_a_shown_field_changes() {
+        let mut cluster = sample();
+        let created = cluster.record.updated_at;
+        let same = CheckOutcome::Answered {
+            health: health(Some(true), 3, 3),
+            version: Some("8.4.1".into()),
+        };
+        let effect = cluster.apply_check(same, 3, created + chrono::Duration::seconds(5));
+        assert!(!effect.changed);
+        assert_eq!(cluster.record.updated_at, created);
+        let later = created + chrono::Duration::seconds(10);
+        let upgraded = CheckOutcome::Answered {
+            health: health(Some(true), 3, 3),
+            version: Some("9.0.3".into()),
+        };
+        assert!(cluster.apply_check(upgraded, 3, later).changed);
+        assert_eq!(cluster.record.updated_at, later);
+    }
+
+    #[test]
+    fn a_silent_monitor_makes_the_status_unknown() {
+        let cluster = sample();
+        std::thread::sleep(Duration::from_millis(20));
+        let view = cluster.view(Duration::from_millis(10));
+        assert_eq!(
+            (view.status, view.status_reason),
+            (ClusterStatus::Unknown, StatusReason::Stale)
+        );
+    }
+}

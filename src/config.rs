@@ -1,0 +1,339 @@
+//! Configuration: embedded defaults, then an optional TOML file, then `PROXMOXER_*`
+//! environment variables, validated once. Every error names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE: &str = "data/proxmoxer.redb";
+pub const KEY_FILE_NAME: &str = "proxmoxer.key";
+pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+pub const DEFAULT_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// A configuration problem, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub database: PathBuf,
+    pub key_file: PathBuf,
+    pub monitor_interval: Duration,
+    pub failure_threshold: u32,
+    pub proxmox_timeout: Duration,
+    pub log_level: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    server: ServerSection,
+    storage: StorageSection,
+    monitor: MonitorSection,
+    proxmox: ProxmoxSection,
+    log: LogSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ServerSection {
+    listen: String,
+    #[serde(with = "humantime_serde")]
+    shutdown_grace: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct StorageSection {
+    database: PathBuf,
+    key_file: Option<PathBuf>,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            database: PathBuf::from(DEFAULT_DATABASE),
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct MonitorSection {
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    failure_threshold: u32,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_MONITOR_INTERVAL,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ProxmoxSection {
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for ProxmoxSection {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_PROXMOX_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogSection {
+    level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration from the process environment and, when given, a TOML file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], with the environment supplied by `env` (for tests).
+    pub fn load_with(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+
+        if let Some(v) = env("PROXMOXER_LISTEN") {
+            raw.server.listen = v;
+        }
+        if let Some(v) = env("PROXMOXER_DATABASE") {
+            raw.storage.database = PathBuf::from(v);
+        }
+        if let Some(v) = env("PROXMOXER_KEY_FILE") {
+            raw.storage.key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("PROXMOXER_MONITOR_INTERVAL") {
+            raw.monitor.interval = parse_duration("PROXMOXER_MONITOR_INTERVAL", &v)?;
+        }
+        if let Some(v) = env("PROXMOXER_MONITOR_FAILURE_THRESHOLD") {
+            raw.monitor.failure_threshold = v.trim().parse().map_err(|_| {
+                invalid(
+                    "PROXMOXER_MONITOR_FAILURE_THRESHOLD",
+                    format!("{v:?} is not a whole number"),
+                )
+            })?;
+        }
+        if let Some(v) = env("PROXMOXER_PROXMOX_TIMEOUT") {
+            raw.proxmox.timeout = parse_duration("PROXMOXER_PROXMOX_TIMEOUT", &v)?;
+        }
+        if let Some(v) = env("PROXMOXER_LOG") {
+            raw.log.level = v;
+        }
+
+        let listen = raw.server.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:8080",
+                    raw.server.listen
+                ),
+            )
+        })?;
+        if raw.storage.database.as_os_str().is_empty() {
+            return Err(invalid("storage.database", "must not be empty"));
+        }
+        if raw.monitor.interval.is_zero() {
+            return Err(invalid("monitor.interval", "must be greater than zero"));
+        }
+        if raw.monitor.failure_threshold == 0 {
+            return Err(invalid("monitor.failure_threshold", "must be at least 1"));
+        }
+        if raw.proxmox.timeout.is_zero() {
+            return Err(invalid("proxmox.timeout", "must be greater than zero"));
+        }
+        let key_file = match raw.storage.key_file {
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(invalid("storage.key_file", "must not be empty"));
+            }
+            Some(path) => path,
+            None => default_key_file(&raw.storage.database, env("CREDENTIALS_DIRECTORY")),
+        };
+        Ok(Self {
+            listen,
+            shutdown_grace: raw.server.shutdown_grace,
+            database: raw.storage.database,
+            key_file,
+            monitor_interval: raw.monitor.interval,
+            failure_threshold: raw.monitor.failure_threshold,
+            proxmox_timeout: raw.proxmox.timeout,
+            log_level: raw.log.level,
+        })
+    }
+}
+
+/// Under systemd, `LoadCredential=proxmoxer.key:...` puts the key in `$CREDENTIALS_DIRECTORY`;
+/// otherwise it lives beside the database.
+fn default_key_file(database: &Path, credentials_dir: Option<String>) -> PathBuf {
+    if let Some(dir) = credentials_dir {
+        let candidate = Path::new(&dir).join(KEY_FILE_NAME);
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    database
+        .parent()
+        .unwrap_or_else(|| Path::new(""))
+        .join(KEY_FILE_NAME)
+}
+
+fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{value:?} is not a duration such as 30s or 500ms ({e})"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("proxmoxer.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).expect("write config");
+        }
+        Config::load_with(file.map(|_| path.as_path()), |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = load(None, &[]).expect("defaults are valid");
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().expect("addr"));
+        assert_eq!(config.database, PathBuf::from(DEFAULT_DATABASE));
+        assert_eq!(config.key_file, PathBuf::from("data/proxmoxer.key"));
+        assert_eq!(config.monitor_interval, DEFAULT_MONITOR_INTERVAL);
+        assert_eq!(config.failure_threshold, 3);
+        assert_eq!(config.proxmox_timeout, DEFAULT_PROXMOX_TIMEOUT);
+    }
+
+    #[test]
+    fn the_example_file_matches_the_defaults() {
+        let example = include_str!("../config/proxmoxer.toml");
+        assert_eq!(
+            load(Some(example), &[]).expect("example is valid"),
+            load(None, &[]).expect("defaults")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load(
+            Some("[monitor]\ninterval = \"1m\"\n[proxmox]\ntimeout = \"5s\"\n"),
+            &[
+                ("PROXMOXER_MONITOR_INTERVAL", "500ms"),
+                ("PROXMOXER_LISTEN", "0.0.0.0:9000"),
+                ("PROXMOXER_DATABASE", "/var/lib/proxmoxer/db.redb"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.monitor_interval, Duration::from_millis(500));
+        assert_eq!(config.proxmox_timeout, Duration::from_secs(5));
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(
+            config.key_file,
+            PathBuf::from("/var/lib/proxmoxer/proxmoxer.key")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(Option<&str>, &[(&str, &str)], &str)] = &[
+            (
+                None,
+                &[("PROXMOXER_MONITOR_INTERVAL", "often")],
+                "PROXMOXER_MONITOR_INTERVAL",
+            ),
+            (None, &[("PROXMOXER_LISTEN", "localhost")], "server.listen"),
+            (
+                None,
+                &[("PROXMOXER_MONITOR_FAILURE_THRESHOLD", "0")],
+                "monitor.failure_threshold",
+            ),
+            (Some("[monitor]\ninterval = 5\n"), &[], "interval"),
+            (Some("[monitr]\n"), &[], "monitr"),
+        ];
+        for (file, env, key) in cases {
+            let error = load(*file, env).expect_err("must be refused").to_string();
+            assert!(error.contains(key), "{error:?} should name {key}");
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Validated values that cross the API edge. Past the HTTP layer, code only takes these types,
+//! so a name, endpoint or user that reached the registry is known to be well formed.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Clusters are keyed by UUIDv7, so the store's key order is creation order.
+pub type ClusterId = uuid::Uuid;
+
+/// Why a value from the client was refused: which field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+    pub reason: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, message: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+const MAX_NAME_CHARS: usize = 255;
+/// Proxmox limits user ids to 64 characters (`/access/ticket` schema).
+const MAX_USERNAME_CHARS: usize = 64;
+
+/// A cluster's display name: unique in the registry, trimmed, 1..=255 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClusterName(String);
+
+impl ClusterName {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(ValidationError::new(
+                "name",
+                "Cluster name is required",
+                "must not be empty or blank",
+            ));
+        }
+        if name.chars().count() > MAX_NAME_CHARS {
+            return Err(ValidationError::new(
+                "name",
+                "Cluster name is too long",
+                format!("must be at most {MAX_NAME_CHARS} characters"),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "name",
+                "Cluster name is invalid",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClusterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The base URL of a Proxmox API, normalised to `scheme://host[:port][/prefix]` without a
+/// trailing slash or `/api2/json`, so that the client can append `/api2/json/...` itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let invalid = |reason: &str| {
+            ValidationError::new("api_endpoint", "API endpoint is invalid", reason.to_owned())
+        };
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err(ValidationError::new(
+                "api_endpoint",
+                "API endpoint is required",
+                "must not be empty",
+            ));
+        }
+        let url = reqwest::Url::parse(raw)
+            .map_err(|e| invalid(&format!("must be an absolute http or https URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("scheme must be http or https"));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("must name a host"));
+        }
+        // Credentials belong in their own fields, never in a URL that gets shown and logged.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("must not contain credentials"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("must not contain a query or fragment"));
+        }
+        let mut normalised = url.as_str().trim_end_matches('/').to_owned();
+        if let Some(stripped) = normalised.strip_suffix("/api2/json") {
+            normalised = stripped.trim_end_matches('/').to_owned();
+        }
+        Ok(Self(normalised))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL of an API path such as `/version`.
+    pub fn api_url(&self, path: &str) -> String {
+        format!("{}/api2/json{path}", self.0)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A Proxmox user id, `user@realm`, as `/access/ticket` expects it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProxmoxUser(String);
+
+impl ProxmoxUser {
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let invalid = |reason: &str| {
+            ValidationError::new("username", "Username is invalid", reason.to_owned())
+        };
+        if raw.trim().is_empty() {
+            return Err(ValidationError::new(
+                "username",
+                "Username is required",
+                "must not be empty",
+            ));
+        }
+        if raw.chars().count() > MAX_USERNAME_CHARS {
+            return Err(invalid(&format!(
+                "must be at most {MAX_USERNAME_CHARS} characters"
+            )));
+        }
+        let Some((user, realm)) = raw.rsplit_once('@') else {
+            return Err(invalid("must have the form user@realm, e.g. root@pam"));
+        };
+        let user_ok = !user.is_empty()
+            && !user
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ':' || c == '/');
+        // Realm ids follow Proxmox's `pve-realm` format: a letter, then letters, digits, . - _
+        let realm_ok = realm.len() >= 2
+            && realm.starts_with(|c: char| c.is_ascii_alphabetic())
+            && realm
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !user_ok || !realm_ok {
+            return Err(invalid("must have the form user@realm, e.g. root@pam"));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProxmoxUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A password, token secret or ticket. It is never printed: `Debug` and `Display` show `***`,
+/// and it is not `Serialize`, so it cannot end up in a response or a stored record by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How a registered cluster logs in to Proxmox.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: ProxmoxUser,
+    pub password: Secret,
+}
+
+/// The health the API reports for a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterStatus {
+    Healthy,
+    Degraded,
+    Unhealthy,
+    Unknown,
+}
+
+impl fmt::Display for ClusterStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Unhealthy => "unhealthy",
+            Self::Unknown => "unknown",
+        })
+    }
+}
+
+/// A stable, machine-readable code for why a cluster has its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusReason {
+    Ok,
+    NodeOffline,
+    QuorumLost,
+    Unreachable,
+    Timeout,
+    TlsError,
+    AuthFailed,
+    Forbidden,
+    BadResponse,
+    NotChecked,
+    Stale,
+}
+
+impl fmt::Display for StatusReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_drops_trailing_slash_and_api_prefix() {
+        for raw in [
+            "https://pve.example.com:8006",
+            "https://pve.example.com:8006/",
+            "https://pve.example.com:8006/api2/json",
+            "https://pve.example.com:8006/api2/json/",
+            "https://PVE.example.com:8006/",
+        ] {
+            assert_eq!(
+                Endpoint::parse(raw).map(|e| e.0),
+                Ok("https://pve.example.com:8006".to_owned()),
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoint_refuses_what_is_not_an_http_url() {
+        for raw in [
+            "",
+            "pve.example.com:8006",
+            "ftp://pve.example.com",
+            "https://",
+            "https://user:pw@pve.example.com",
+            "/api2/json",
+            "https://pve.example.com:8006/?x=1",
+        ] {
+            assert!(Endpoint::parse(raw).is_err(), "{raw} should be refused");
+        }
+    }
+
+    #[test]
+    fn username_needs_user_and_realm() {
+        assert!(ProxmoxUser::parse("root@pam").is_ok());
+        assert!(ProxmoxUser::parse("monitor@pve").is_ok());
+        assert!(ProxmoxUser::parse("first.last@corp-ad").is_ok());
+        for raw in [
+            "root",
+            "@pam",
+            "root@",
+            "root@p",
+            "ro ot@pam",
+            "root@pam!tok",
+        ] {
+            assert!(ProxmoxUser::parse(raw).is_err(), "{raw} should be refused");
+        }
+    }
+
+    #[test]
+    fn name_is_trimmed_and_bounded() {
+        assert_eq!(
+            ClusterName::parse("  prod ").map(|n| n.0),
+            Ok("prod".into())
+        );
+        assert_eq!(
+            ClusterName::parse("   ").map_err(|e| e.message),
+            Err("Cluster name is required".into())
+        );
+        assert!(ClusterName::parse(&"x".repeat(255)).is_ok());
+        assert!(ClusterName::parse(&"x".repeat(256)).is_err());
+        assert!(ClusterName::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
+    }
+}

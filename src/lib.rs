@@ -1,0 +1,209 @@
+//! proxmoxer keeps a registry of Proxmox VE clusters and watches their health.
+//!
+//! # Layout
+//! - [`config`]: embedded defaults, TOML file and `PROXMOXER_*` environment, validated once.
+//! - [`domain`]: validated values (names, endpoints, users, secrets, statuses).
+//! - [`api`]: the axum REST API; handlers only message the registry.
+//! - [`registry`]: the registry actor, sole owner of cluster state and sole store writer;
+//!   it spawns and supervises the monitors.
+//! - [`monitor`]: one actor per cluster that checks Proxmox on a period.
+//! - [`cluster`]: a registered cluster and the status rules.
+//! - [`proxmox`]: the typed Proxmox VE API client.
+//! - [`store`]: the redb cluster table.
+//! - [`secrets`]: the AEAD envelope and key file for stored credentials.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod domain;
+pub mod monitor;
+pub mod proxmox;
+pub mod registry;
+pub mod secrets;
+pub mod store;
+
+use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ractor::Actor;
+use tokio::net::TcpListener;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::domain::{Credentials, Secret};
+use crate::monitor::MonitorSettings;
+use crate::registry::{RegistryActor, RegistryArgs, RegistrySettings};
+use crate::secrets::{SecretsError, Vault};
+use crate::store::{Store, StoreError};
+
+/// A known plaintext sealed under the key, to recognise the right key at start.
+const KEY_CHECK_PLAINTEXT: &str = "proxmoxer key check";
+const KEY_CHECK_CONTEXT: &[u8] = b"key-check";
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(
+        "the database holds encrypted credentials but the key file {0} is missing; restore the key \
+         (a new key cannot decrypt them, so none is generated)"
+    )]
+    KeyMissing(PathBuf),
+    #[error(
+        "the key file {0} does not match the key the database's credentials were encrypted with"
+    )]
+    KeyMismatch(PathBuf),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the registry: {0}")]
+    Registry(String),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` completes, then drains in-flight requests (bounded by
+/// `shutdown_grace`), stops the monitors and persists the latest state.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let (store, vault, clusters) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_state(&config.database, &config.key_file))
+            .await
+            .map_err(|e| StartupError::Registry(e.to_string()))??
+    };
+    tracing::info!(
+        database = %config.database.display(),
+        clusters = clusters.len(),
+        "database opened"
+    );
+
+    let settings = RegistrySettings {
+        monitor: MonitorSettings {
+            interval: config.monitor_interval,
+            proxmox_timeout: config.proxmox_timeout,
+        },
+        failure_threshold: config.failure_threshold,
+    };
+    let (registry, registry_task) = Actor::spawn(
+        None,
+        RegistryActor,
+        RegistryArgs {
+            store,
+            vault: Arc::new(vault),
+            clusters,
+            settings,
+        },
+    )
+    .await
+    .map_err(|e| StartupError::Registry(e.to_string()))?;
+
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(source) => {
+            registry.stop(None);
+            let _ = registry_task.await;
+            return Err(StartupError::Bind {
+                addr: config.listen,
+                source,
+            });
+        }
+    };
+    let addr = listener.local_addr().map_err(StartupError::Serve)?;
+    tracing::info!("listening on http://{addr}");
+
+    let app = api::router(api::AppState {
+        registry: registry.clone(),
+        registration_timeout: config.proxmox_timeout * 3 + std::time::Duration::from_secs(5),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful_rx = stop_rx.clone();
+    let serve = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = graceful_rx.wait_for(|stop| *stop).await;
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .into_future();
+    let mut deadline_rx = stop_rx;
+    let grace = config.shutdown_grace;
+    // Graceful shutdown waits for every connection, even one stuck mid-headers: bound it.
+    let deadline = async move {
+        let _ = deadline_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    let served = tokio::select! {
+        result = serve => result.map_err(StartupError::Serve),
+        () = deadline => {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            Ok(())
+        }
+    };
+
+    registry.stop(None);
+    let _ = registry_task.await;
+    tracing::info!("stopped");
+    served
+}
+
+/// Opens the store, unlocks the key and decrypts every stored credential, failing before
+/// anything is served if any of that is wrong.
+fn open_state(
+    database: &Path,
+    key_file: &Path,
+) -> Result<(Store, Vault, Vec<Cluster>), StartupError> {
+    let store = Store::open(database)?;
+    let vault = unlock_vault(&store, key_file)?;
+    let clusters = store
+        .load_all()?
+        .into_iter()
+        .map(|record| {
+            let password = vault.open(&record.credential, record.id.as_bytes())?;
+            let credentials = Credentials {
+                username: record.username.clone(),
+                password,
+            };
+            Ok(Cluster::loaded(record, credentials))
+        })
+        .collect::<Result<Vec<_>, SecretsError>>()?;
+    Ok((store, vault, clusters))
+}
+
+/// Loads the key, or creates one for a database that holds no secret yet. Never makes a new
+/// key over existing secrets: they would be lost.
+fn unlock_vault(store: &Store, key_file: &Path) -> Result<Vault, StartupError> {
+    let vault = match Vault::load(key_file)? {
+        Some(vault) => vault,
+        None if store.holds_secrets()? => {
+            return Err(StartupError::KeyMissing(key_file.to_owned()));
+        }
+        None => {
+            tracing::info!(key_file = %key_file.display(), "generating a new credential key");
+            Vault::create(key_file)?
+        }
+    };
+    match store.key_check()? {
+        Some(sealed) => match vault.open(&sealed, KEY_CHECK_CONTEXT) {
+            Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => {}
+            _ => return Err(StartupError::KeyMismatch(key_file.to_owned())),
+        },
+        None => {
+            let sealed = vault.seal(&Secret::new(KEY_CHECK_PLAINTEXT), KEY_CHECK_CONTEXT)?;
+            store.set_key_check(&sealed)?;
+        }
+    }
+    Ok(vault)
+}

@@ -1,0 +1,252 @@
+//! One monitor actor per cluster: it checks Proxmox on a fixed period and reports each
+//! outcome to the registry, which owns all state. A monitor never writes to the database.
+//!
+//! The check runs inside the monitor's own handler: nothing but its timer ever messages it,
+//! so awaiting Proxmox there stalls nobody, and `kill()` cancels a check in flight.
+
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::cluster::CheckOutcome;
+use crate::domain::{ClusterId, Credentials, Endpoint};
+use crate::proxmox::{ProxmoxClient, ProxmoxError, Ticket};
+use crate::registry::RegistryMsg;
+
+/// Proxmox tickets live two hours; renew well before, as proxmox-login does at 90 minutes.
+const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
+const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
+/// The first check comes within min(interval, this), spread so clusters do not fire together.
+const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
+const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60 * 60);
+
+#[derive(Debug, Clone, Copy)]
+pub struct MonitorSettings {
+    pub interval: Duration,
+    pub proxmox_timeout: Duration,
+}
+
+pub struct MonitorActor;
+
+pub struct MonitorArgs {
+    pub cluster_id: ClusterId,
+    /// Tags reports so the registry can drop those of a monitor it has replaced.
+    pub generation: u64,
+    pub endpoint: Endpoint,
+    pub credentials: Credentials,
+    /// The ticket from the registration probe, so a new cluster costs one login, not two.
+    pub ticket: Option<Ticket>,
+    pub settings: MonitorSettings,
+    pub registry: ActorRef<RegistryMsg>,
+}
+
+#[derive(Debug)]
+pub enum MonitorMsg {
+    Check,
+    /// Makes the monitor fail as a bug would, to exercise supervision.
+    #[cfg(test)]
+    Crash,
+}
+
+pub struct MonitorState {
+    cluster_id: ClusterId,
+    generation: u64,
+    client: ProxmoxClient,
+    credentials: Credentials,
+    settings: MonitorSettings,
+    registry: ActorRef<RegistryMsg>,
+    ticket: Option<Ticket>,
+    /// `/version` is read after every login, so upgrades show.
+    version_due: bool,
+    login_backoff: Option<LoginBackoff>,
+    next_check: Instant,
+}
+
+/// After Proxmox rejects the credentials, logins are spaced out (doubling, up to an hour) so a
+/// changed password never makes this daemon a brute-forcer that fail2ban bans.
+#[derive(Debug, Clone, Copy)]
+struct LoginBackoff {
+    delay: Duration,
+    next_attempt: Instant,
+}
+
+impl Actor for MonitorActor {
+    type Msg = MonitorMsg;
+    type State = MonitorState;
+    type Arguments = MonitorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: MonitorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let client = ProxmoxClient::new(args.endpoint, args.settings.proxmox_timeout)?;
+        Ok(MonitorState {
+            cluster_id: args.cluster_id,
+            generation: args.generation,
+            client,
+            version_due: args.ticket.is_none(),
+            ticket: args.ticket,
+            credentials: args.credentials,
+            settings: args.settings,
+            registry: args.registry,
+            login_backoff: None,
+            next_check: Instant::now(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let delay = first_check_delay(state.cluster_id, state.settings.interval);
+        state.next_check = Instant::now() + delay;
+        myself.send_after(delay, || MonitorMsg::Check);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MonitorMsg::Check => {
+                let outcome = state.check().await;
+                // The registry gone means the daemon is stopping; nothing to report to.
+                let _ = state.registry.cast(RegistryMsg::CheckCompleted {
+                    cluster: state.cluster_id,
+                    generation: state.generation,
+                    outcome,
+                });
+                let delay = state.schedule_next();
+                myself.send_after(delay, || MonitorMsg::Check);
+            }
+            #[cfg(test)]
+            MonitorMsg::Crash => return Err("crash requested by a test".into()),
+        }
+        Ok(())
+    }
+}
+
+/// Spreads first checks over [0, min(interval, 5 s)) by cluster id, so a thousand clusters
+/// loaded at start do not all hit the network in the same instant.
+fn first_check_delay(cluster_id: ClusterId, interval: Duration) -> Duration {
+    let window = interval.min(MAX_FIRST_CHECK_DELAY);
+    let spread = (cluster_id.as_u128() % 1_000) as u32;
+    window * spread / 1_000
+}
+
+impl MonitorState {
+    /// Keeps the period whatever a check took; checks missed while one ran long are skipped,
+    /// not fired in a burst.
+    fn schedule_next(&mut self) -> Duration {
+        let interval = self.settings.interval;
+        let now = Instant::now();
+        self.next_check += interval;
+        if self.next_check <= now {
+            let behind = now.duration_since(self.next_check);
+            let behind_nanos = behind.as_nanos() % interval.as_nanos().max(1);
+            let into_period = Duration::from_nanos(u64::try_from(behind_nanos).unwrap_or(0));
+            self.next_check = now + (interval - into_period);
+        }
+        self.next_check.saturating_duration_since(now)
+    }
+
+    async fn check(&mut self) -> CheckOutcome {
+        match self.check_once().await {
+            // The ticket was revoked or Proxmox restarted with a new key: log in once more now.
+            Err(ProxmoxError::SessionRejected(reason)) => {
+                tracing::debug!(cluster_id = %self.cluster_id, %reason, "ticket rejected; logging in again");
+                self.ticket = None;
+                self.check_once().await
+            }
+            other => other,
+        }
+        .map_or_else(CheckOutcome::Failed, |outcome| outcome)
+    }
+
+    async fn check_once(&mut self) -> Result<CheckOutcome, ProxmoxError> {
+        let ticket = self.session().await?;
+        let version = if self.version_due {
+            let version = self.client.version(&ticket).await?;
+            self.version_due = false;
+            Some(version)
+        } else {
+            None
+        };
+        let health = self.client.cluster_status(&ticket).await?;
+        Ok(CheckOutcome::Answered { health, version })
+    }
+
+    /// A valid ticket: the current one, a renewed one, or a fresh login.
+    async fn session(&mut self) -> Result<Ticket, ProxmoxError> {
+        if let Some(ticket) = &self.ticket {
+            if ticket.age() < TICKET_RENEW_AFTER {
+                return Ok(ticket.clone());
+            }
+            if ticket.age() < TICKET_LIFETIME {
+                if let Ok(renewed) = self.client.refresh(&self.credentials, ticket).await {
+                    self.ticket = Some(renewed.clone());
+                    return Ok(renewed);
+                }
+            }
+            self.ticket = None;
+        }
+        if let Some(backoff) = self.login_backoff {
+            if Instant::now() < backoff.next_attempt {
+                return Err(ProxmoxError::AuthenticationFailed);
+            }
+        }
+        match self.client.login(&self.credentials).await {
+            Ok(ticket) => {
+                self.login_backoff = None;
+                self.version_due = true;
+                self.ticket = Some(ticket.clone());
+                Ok(ticket)
+            }
+            Err(e @ (ProxmoxError::AuthenticationFailed | ProxmoxError::TwoFactorRequired)) => {
+                let delay = self
+                    .login_backoff
+                    .map_or(self.settings.interval * 2, |b| b.delay * 2)
+                    .min(MAX_LOGIN_BACKOFF);
+                tracing::warn!(
+                    cluster_id = %self.cluster_id,
+                    retry_in = %humantime::format_duration(delay),
+                    "Proxmox rejected the stored credentials; backing off further logins"
+                );
+                self.login_backoff = Some(LoginBackoff {
+                    delay,
+                    next_attempt: Instant::now() + delay,
+                });
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_checks_are_spread_within_the_window() {
+        let interval = Duration::from_secs(30);
+        let delays: Vec<Duration> = (0..200)
+            .map(|_| first_check_delay(ClusterId::now_v7(), interval))
+            .collect();
+        assert!(delays.iter().all(|d| *d < MAX_FIRST_CHECK_DELAY));
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(
+            distinct.len() > 50,
+            "delays should spread, got {distinct:?}"
+        );
+        assert!(
+            first_check_delay(ClusterId::now_v7(), Duration::from_millis(100))
+                < Duration::from_millis(100)
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! A typed client for the few Proxmox VE API calls this daemon needs.
+//!
+//! Real pveproxy differs from a naive guess: error text lives in the HTTP reason phrase and
+//! bodies may be empty or not JSON, booleans are the integers 0/1, a standalone node has no
+//! `cluster` entry, and idle keep-alive connections are closed after 5 s.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer};
+
+use crate::domain::{Credentials, Endpoint, Secret, StatusReason};
+
+/// pveproxy drops keep-alive connections idle for 5 s; reusing one races that close.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Proxmox answers are small; anything bigger is not the API we expect.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Why a call to Proxmox failed, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxmoxError {
+    #[error("authentication failed")]
+    AuthenticationFailed,
+    #[error("two-factor authentication is enabled for this user")]
+    TwoFactorRequired,
+    #[error("Proxmox rejected the session: {0}")]
+    SessionRejected(String),
+    #[error("permission denied: {0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("TLS error: {0}")]
+    Tls(String),
+    #[error(
+        "Proxmox answered with a redirect ({status}) to {location}; redirects are not followed"
+    )]
+    Redirect { status: u16, location: String },
+    #[error("Proxmox answered {status} {reason}")]
+    Http { status: u16, reason: String },
+    #[error("unexpected answer from Proxmox: {0}")]
+    BadResponse(String),
+}
+
+impl ProxmoxError {
+    /// The status reason a monitor reports for this failure.
+    pub fn status_reason(&self) -> StatusReason {
+        match self {
+            Self::AuthenticationFailed | Self::TwoFactorRequired | Self::SessionRejected(_) => {
+                StatusReason::AuthFailed
+            }
+            Self::Forbidden(_) => StatusReason::Forbidden,
+            Self::Unreachable(_) => StatusReason::Unreachable,
+            Self::Timeout(_) => StatusReason::Timeout,
+            Self::Tls(_) => StatusReason::TlsError,
+            Self::Redirect { .. } | Self::BadResponse(_) => StatusReason::BadResponse,
+            // A 5xx, or pveproxy's own 59x, means Proxmox cannot serve us right now.
+            Self::Http { status, .. } if *status >= 500 => StatusReason::Unreachable,
+            Self::Http { .. } => StatusReason::BadResponse,
+        }
+    }
+}
+
+/// A logged-in session: the `PVEAuthCookie` ticket and its CSRF token.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    ticket: Secret,
+    csrf_token: Secret,
+    obtained_at: Instant,
+}
+
+impl Ticket {
+    pub fn age(&self) -> Duration {
+        self.obtained_at.elapsed()
+    }
+}
+
+/// The parts of `/cluster/status` the status rules need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterHealth {
+    /// `None` for a standalone node, which has no quorum to speak of.
+    pub quorate: Option<bool>,
+    pub node_count: u32,
+    pub nodes_online: u32,
+}
+
+/// What registration learns from Proxmox.
+#[derive(Debug, Clone)]
+pub struct ProbeReport {
+    pub version: String,
+    pub health: ClusterHealth,
+    pub ticket: Ticket,
+}
+
+/// A client for one Proxmox endpoint. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct ProxmoxClient {
+    http: reqwest::Client,
+    endpoint: Endpoint,
+    timeout: Duration,
+}
+
+impl ProxmoxClient {
+    /// `timeout` bounds every request as a whole: connect, TLS, headers and body.
+    pub fn new(endpoint: Endpoint, timeout: Duration) -> Result<Self, ProxmoxError> {
+        let http = reqwest::Client::builder()
+            // Credentials must never reach another host: a 3xx is an error, not a hop.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .user_agent(concat!("proxmoxer/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProxmoxError::Tls(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            endpoint,
+            timeout,
+        })
+    }
+
+    /// Logs in, then reads the version and the cluster status: everything registration needs.
+    pub async fn probe(&self, credentials: &Credentials) -> Result<ProbeReport, ProxmoxError> {
+        let ticket = self.login(credentials).await?;
+        let version = self.version(&ticket).await?;
+        let health = self.cluster_status(&ticket).await?;
+        Ok(ProbeReport {
+            version,
+            health,
+            ticket,
+        })
+    }
+
+    /// `POST /access/ticket` with a form body, as every Proxmox version accepts it.
+    pub async fn login(&self, credentials: &Credentials) -> Result<Ticket, ProxmoxError> {
+        self.request_ticket(credentials.username.as_str(), credentials.password.expose())
+            .await
+    }
+
+    /// Renews a still-valid ticket by sending it as the password, which costs Proxmox no
+    /// realm authentication.
+    pub async fn refresh(
+        &self,
+        credentials: &Credentials,
+        ticket: &Ticket,
+    ) -> Result<Ticket, ProxmoxError> {
+        self.request_ticket(credentials.username.as_str(), ticket.ticket.expose())
+            .await
+    }
+
+    async fn request_ticket(&self, username: &str, password: &str) -> Result<Ticket, ProxmoxError> {
+        let request = self
+            .http
+            .post(self.endpoint.api_url("/access/ticket"))
+            .form(&[("username", username), ("password", password)]);
+        let response = self.send(request, false).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(ProxmoxError::AuthenticationFailed);
+        }
+        let login: Option<LoginData> = read_data(check_status(response)?).await?;
+        let login = login.ok_or(ProxmoxError::AuthenticationFailed)?;
+        // A second factor is pending: the "ticket" is only a half ticket every other call rejects.
+        if login.need_tfa.unwrap_or(false) || login.ticket.starts_with("PVE:!tfa!") {
+            return Err(ProxmoxError::TwoFactorRequired);
+        }
+        Ok(Ticket {
+            ticket: Secret::new(login.ticket),
+            csrf_token: Secret::new(login.csrf_token),
+            obtained_at: Instant::now(),
+        })
+    }
+
+    /// `GET /version`: the full pve-manager version, e.g. `8.4.1` or `7.4-3`.
+    pub async fn version(&self, ticket: &Ticket) -> Result<String, ProxmoxError> {
+        let data: VersionData = self.get("/version", ticket).await?;
+        Ok(data.version)
+    }
+
+    /// `GET /cluster/status`, which needs Sys.Audit on `/`.
+    pub async fn cluster_status(&self, ticket: &Ticket) -> Result<ClusterHealth, ProxmoxError> {
+        let entries: Vec<StatusEntry> = self.get("/cluster/status", ticket).await?;
+        Ok(health_from_entries(&entries))
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        ticket: &Ticket,
+    ) -> Result<T, ProxmoxError> {
+        let request = self
+            .http
+            .request(Method::GET, self.endpoint.api_url(path))
+            .header(
+                reqwest::header::COOKIE,
+                format!("PVEAuthCookie={}", ticket.ticket.expose()),
+            )
+            .header("CSRFPreventionToken", ticket.csrf_token.expose());
+        let response = self.send(request, true).await?;
+        let data: Option<T> = read_data(check_status(response)?).await?;
+        data.ok_or_else(|| ProxmoxError::BadResponse(format!("{path} answered without data")))
+    }
+
+    /// Sends a request, mapping transport failures to operator-readable errors. An idempotent
+    /// request that failed on a pooled connection the server had just closed is sent once more.
+    async fn send(
+        &self,
+        request: RequestBuilder,
+        idempotent: bool,
+    ) -> Result<Response, ProxmoxError> {
+        let retry = if idempotent {
+            request.try_clone()
+        } else {
+            None
+        };
+        match request.send().await {
+            Ok(response) => Ok(response),
+            Err(e) if !e.is_timeout() && !e.is_connect() && retry.is_some() => {
+                tracing::debug!(error = %error_chain(&e), "retrying a request that failed on a reused connection");
+                match retry {
+                    Some(retry) => retry.send().await.map_err(|e| self.transport_error(&e)),
+                    None => Err(self.transport_error(&e)),
+                }
+            }
+            Err(e) => Err(self.transport_error(&e)),
+        }
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> ProxmoxError {
+        if error.is_timeout() {
+            return ProxmoxError::Timeout(self.timeout);
+        }
+        let chain = error_chain(error);
+        let lower = chain.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            return ProxmoxError::Tls(chain);
+        }
+        if let Some(io) = find_io_error(error) {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return ProxmoxError::Unreachable("connection refused".into());
+                }
+                std::io::ErrorKind::ConnectionReset => {
+                    return ProxmoxError::Unreachable("connection reset by peer".into());
+                }
+                _ => {}
+            }
+        }
+        if lower.contains("dns error") || lower.contains("failed to lookup address") {
+            return ProxmoxError::Unreachable(format!("cannot resolve host: {chain}"));
+        }
+        ProxmoxError::Unreachable(chain)
+    }
+}
+
+fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// reqwest's own message is "error sending request"; the cause is further down the chain.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut current = error.source();
+    while let Some(e) = current {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ")
+}
+
+/// pveproxy puts the error in the reason phrase; the body may be empty or not JSON.
+fn reason_phrase(response: &Response) -> String {
+    response
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+        .or_else(|| response.status().canonical_reason().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn check_status(response: Response) -> Result<Response, ProxmoxError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status.is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("an unnamed location")
+            .to_owned();
+        return Err(ProxmoxError::Redirect {
+            status: status.as_u16(),
+            location,
+        });
+    }
+    let reason = reason_phrase(&response);
+    Err(match status {
+        StatusCode::UNAUTHORIZED => ProxmoxError::SessionRejected(reason),
+        StatusCode::FORBIDDEN => ProxmoxError::Forbidden(reason),
+        _ => ProxmoxError::Http {
+            status: status.as_u16(),
+            reason,
+        },
+    })
+}
+
+/// Every `/api2/json` answer wraps its payload in `{"data": ...}`; `data` may be null.
+async fn read_data<T: DeserializeOwned>(mut response: Response) -> Result<Option<T>, ProxmoxError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        if e.is_timeout() {
+            ProxmoxError::BadResponse("timed out reading the answer".into())
+        } else {
+            ProxmoxError::Unreachable(error_chain(&e))
+        }
+    })? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ProxmoxError::BadResponse("answer is too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    #[derive(Deserialize)]
+    struct Envelope<T> {
+        data: Option<T>,
+    }
+    serde_json::from_slice::<Envelope<T>>(&body)
+        .map(|envelope| envelope.data)
+        .map_err(|e| ProxmoxError::BadResponse(format!("not the Proxmox API's JSON ({e})")))
+}
+
+#[derive(Deserialize)]
+struct LoginData {
+    ticket: String,
+    #[serde(rename = "CSRFPreventionToken")]
+    csrf_token: String,
+    #[serde(rename = "NeedTFA", default, deserialize_with = "perl_bool")]
+    need_tfa: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct VersionData {
+    version: String,
+}
+
+/// One entry of `/cluster/status`. Unknown fields and entry types are ignored.
+#[derive(Debug, Deserialize)]
+struct StatusEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, deserialize_with = "perl_bool")]
+    quorate: Option<bool>,
+    #[serde(default, deserialize_with = "perl_bool")]
+    online: Option<bool>,
+}
+
+fn health_from_entries(entries: &[StatusEntry]) -> ClusterHealth {
+    // Entry order is Perl hash order: never assume the cluster entry comes first.
+    let quorate = entries
+        .iter()
+        .find(|e| e.kind == "cluster")
+        .map(|e| e.quorate.unwrap_or(false));
+    let nodes = entries.iter().filter(|e| e.kind == "node");
+    let node_count = nodes.clone().count();
+    let nodes_online = nodes.filter(|e| e.online.unwrap_or(false)).count();
+    ClusterHealth {
+        quorate,
+        node_count: u32::try_from(node_count).unwrap_or(u32::MAX),
+        nodes_online: u32::try_from(nodes_online).unwrap_or(u32::MAX),
+    }
+}
+
+/// Perl hands booleans through as 0/1, and occasionally as strings; accept them all, as
+/// Proxmox's own `proxmox_serde::perl` does.
+fn perl_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(match value {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Bool(b)) => Some(b),
+        Some(serde_json::Value::Number(n)) => Some(n.as_f64().is_some_and(|n| n != 0.0)),
+        Some(serde_json::Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" | "" => Some(false),
+            other => return Err(de::Error::custom(format!("not a boolean: {other}"))),
+        },
+        Some(other) => return Err(de::Error::custom(format!("not a boolean: {other}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(json: &str) -> Vec<StatusEntry> {
+        serde_json::from_str(json).expect("valid status json")
+    }
+
+    #[test]
+    fn clustered_status_counts_offline_nodes_whatever_the_order() {
+        let health = health_from_entries(&entries(
+            r#"[
+            {"type":"node","id":"node/pve3","name":"pve3","nodeid":3,"local":0,"online":0,"level":"c"},
+            {"type":"cluster","id":"cluster","name":"prod","nodes":3,"quorate":1,"version":7},
+            {"type":"node","id":"node/pve1","name":"pve1","nodeid":1,"local":1,"online":1,"level":""},
+            {"type":"node","id":"node/pve2","name":"pve2","nodeid":2,"local":0,"online":"1","level":""}]"#,
+        ));
+        assert_eq!(
+            health,
+            ClusterHealth {
+                quorate: Some(true),
+                node_count: 3,
+                nodes_online: 2
+            }
+        );
+    }
+
+    #[test]
+    fn standalone_node_has_no_quorum_entry() {
+        let health = health_from_entries(&entries(
+            r#"[{"type":"node","id":"node/pve","name":"pve","nodeid":0,"ip":"192.168.1.10","local":1,"online":1,"level":""}]"#,
+        ));
+        assert_eq!(
+            health,
+            ClusterHealth {
+                quorate: None,
+                node_count: 1,
+                nodes_online: 1
+            }
+        );
+    }
+
+    #[test]
+    fn lost_quorum_reads_as_not_quorate() {
+        let health = health_from_entries(&entries(
+            r#"[{"type":"cluster","quorate":0},{"type":"node","online":1},{"type":"node","online":0}]"#,
+        ));
+        assert_eq!(health.quorate, Some(false));
+    }
+
+    #[test]
+    fn errors_map_to_stable_reasons() {
+        assert_eq!(
+            ProxmoxError::Timeout(Duration::from_secs(10)).to_string(),
+            "timed out after 10s"
+        );
+        assert_eq!(
+            ProxmoxError::Http {
+                status: 595,
+                reason: "No route to host".into()
+            }
+            .status_reason(),
+            StatusReason::Unreachable
+        );
+        assert_eq!(
+            ProxmoxError::Forbidden("Permission check failed (/, Sys.Audit)".into())
+                .status_reason(),
+            StatusReason::Forbidden
+        );
+    }
+}

@@ -1,0 +1,520 @@
+//! The registry actor: the only owner of cluster state and the only writer to the store.
+//!
+//! It never awaits the network. A registration reserves its name, probes Proxmox in a task of
+//! its own, and comes back as a message to be committed; a monitor per cluster, spawned and
+//! supervised here, checks Proxmox and reports results as messages too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::task::JoinHandle;
+
+use crate::cluster::{CheckOutcome, Cluster, ClusterView};
+use crate::domain::{ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, StatusReason};
+use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg, MonitorSettings};
+use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Ticket};
+use crate::secrets::{SecretsError, Vault};
+use crate::store::{ClusterRecord, Store, StoreError};
+
+/// How often monitor results that changed something are written, in one transaction.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
+/// A monitor that ran this long since its last restart starts its back-off afresh.
+const HEALTHY_PERIOD: Duration = Duration::from_secs(120);
+/// A status older than this many intervals shows as unknown.
+const STALE_AFTER_INTERVALS: u32 = 3;
+
+/// Identifies one registration attempt, so a client that goes away can cancel it.
+pub type RegistrationId = uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("a cluster with this name already exists")]
+    Conflict,
+    #[error("cluster not found")]
+    NotFound,
+    #[error(transparent)]
+    Proxmox(#[from] ProxmoxError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// A validated registration request.
+#[derive(Debug)]
+pub struct NewCluster {
+    pub name: ClusterName,
+    pub endpoint: Endpoint,
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrySettings {
+    pub monitor: MonitorSettings,
+    pub failure_threshold: u32,
+}
+
+pub enum RegistryMsg {
+    Register(
+        RegistrationId,
+        NewCluster,
+        RpcReplyPort<Result<ClusterView, RegistryError>>,
+    ),
+    CancelRegistration(RegistrationId),
+    ProbeFinished(RegistrationId, Result<ProbeReport, ProxmoxError>),
+    List(RpcReplyPort<Vec<ClusterView>>),
+    Get(ClusterId, RpcReplyPort<Option<ClusterView>>),
+    Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
+    /// Answers with the number of clusters: proof the registry is alive.
+    Ping(RpcReplyPort<usize>),
+    CheckCompleted {
+        cluster: ClusterId,
+        generation: u64,
+        outcome: CheckOutcome,
+    },
+    RestartMonitor(ClusterId),
+    Flush,
+    /// Test access to a cluster's current monitor.
+    #[cfg(test)]
+    MonitorOf(ClusterId, RpcReplyPort<Option<ActorRef<MonitorMsg>>>),
+}
+
+pub struct RegistryActor;
+
+pub struct RegistryArgs {
+    pub store: Store,
+    pub vault: Arc<Vault>,
+    pub clusters: Vec<Cluster>,
+    pub settings: RegistrySettings,
+}
+
+struct PendingRegistration {
+    name: ClusterName,
+    request: NewCluster,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+    probe: JoinHandle<()>,
+}
+
+struct MonitorHandle {
+    actor: ActorRef<MonitorMsg>,
+    generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RestartBackoff {
+    delay: Duration,
+    last_restart: Instant,
+}
+
+pub struct RegistryState {
+    store: Store,
+    vault: Arc<Vault>,
+    settings: RegistrySettings,
+    clusters: BTreeMap<ClusterId, Cluster>,
+    pending: HashMap<RegistrationId, PendingRegistration>,
+    monitors: HashMap<ClusterId, MonitorHandle>,
+    monitor_owners: HashMap<ActorId, ClusterId>,
+    restarts: HashMap<ClusterId, RestartBackoff>,
+    next_generation: u64,
+    dirty: HashSet<ClusterId>,
+}
+
+impl RegistryState {
+    fn stale_after(&self) -> Duration {
+        self.settings.monitor.interval * STALE_AFTER_INTERVALS
+    }
+
+    fn name_taken(&self, name: &ClusterName) -> bool {
+        self.clusters.values().any(|c| &c.record.name == name)
+            || self.pending.values().any(|p| &p.name == name)
+    }
+}
+
+impl Actor for RegistryActor {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RegistryArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RegistryState {
+            store: args.store,
+            vault: args.vault,
+            settings: args.settings,
+            clusters: args.clusters.into_iter().map(|c| (c.id(), c)).collect(),
+            pending: HashMap::new(),
+            monitors: HashMap::new(),
+            monitor_owners: HashMap::new(),
+            restarts: HashMap::new(),
+            next_generation: 0,
+            dirty: HashSet::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let ids: Vec<ClusterId> = state.clusters.keys().copied().collect();
+        for id in ids {
+            spawn_monitor(&myself, state, id, None).await;
+        }
+        myself.send_interval(FLUSH_INTERVAL, || RegistryMsg::Flush);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMsg::Register(id, request, reply) => {
+                on_register(&myself, state, id, request, reply)
+            }
+            RegistryMsg::CancelRegistration(id) => {
+                if let Some(pending) = state.pending.remove(&id) {
+                    pending.probe.abort();
+                    tracing::debug!(cluster = %pending.name, "registration abandoned by its client");
+                }
+            }
+            RegistryMsg::ProbeFinished(id, result) => {
+                on_probe_finished(&myself, state, id, result).await;
+            }
+            RegistryMsg::List(reply) => {
+                let stale_after = state.stale_after();
+                // UUIDv7 keys sort by creation time: newest first is reverse key order.
+                let views = state
+                    .clusters
+                    .values()
+                    .rev()
+                    .map(|c| c.view(stale_after))
+                    .collect();
+                let _ = reply.send(views);
+            }
+            RegistryMsg::Get(id, reply) => {
+                let stale_after = state.stale_after();
+                let _ = reply.send(state.clusters.get(&id).map(|c| c.view(stale_after)));
+            }
+            RegistryMsg::Delete(id, reply) => {
+                let result = on_delete(state, id).await;
+                let _ = reply.send(result);
+            }
+            RegistryMsg::Ping(reply) => {
+                let _ = reply.send(state.clusters.len());
+            }
+            RegistryMsg::CheckCompleted {
+                cluster,
+                generation,
+                outcome,
+            } => on_check_completed(state, cluster, generation, outcome),
+            RegistryMsg::RestartMonitor(id) => {
+                if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
+                    spawn_monitor(&myself, state, id, None).await;
+                }
+            }
+            RegistryMsg::Flush => flush(state).await,
+            #[cfg(test)]
+            RegistryMsg::MonitorOf(id, reply) => {
+                let _ = reply.send(state.monitors.get(&id).map(|m| m.actor.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    // The default handler stops the registry whenever a monitor ends; a monitor's bug must
+    // never take the registry, or any other monitor, down with it.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".to_owned()))
+            }
+            _ => return Ok(()),
+        };
+        // Monitors we killed ourselves (deleted clusters) were forgotten already.
+        let Some(id) = state.monitor_owners.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state.monitors.remove(&id);
+        if !state.clusters.contains_key(&id) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let backoff = match state.restarts.get(&id) {
+            Some(b) if now.duration_since(b.last_restart) < HEALTHY_PERIOD + b.delay => {
+                RestartBackoff {
+                    delay: (b.delay * 2).min(MAX_RESTART_DELAY),
+                    last_restart: now,
+                }
+            }
+            _ => RestartBackoff {
+                delay: FIRST_RESTART_DELAY,
+                last_restart: now,
+            },
+        };
+        state.restarts.insert(id, backoff);
+        let name = state
+            .clusters
+            .get(&id)
+            .map(|c| c.record.name.to_string())
+            .unwrap_or_default();
+        tracing::warn!(
+            cluster = %name,
+            cluster_id = %id,
+            reason = %why,
+            restart_in = %humantime::format_duration(backoff.delay),
+            "monitor failed; restarting it"
+        );
+        myself.send_after(backoff.delay, move || RegistryMsg::RestartMonitor(id));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for (_, pending) in state.pending.drain() {
+            pending.probe.abort();
+        }
+        for (_, monitor) in state.monitors.drain() {
+            monitor.actor.kill();
+        }
+        state.monitor_owners.clear();
+        flush(state).await;
+        Ok(())
+    }
+}
+
+fn on_register(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: RegistrationId,
+    request: NewCluster,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+) {
+    if state.name_taken(&request.name) {
+        let _ = reply.send(Err(RegistryError::Conflict));
+        return;
+    }
+    let client = match ProxmoxClient::new(
+        request.endpoint.clone(),
+        state.settings.monitor.proxmox_timeout,
+    ) {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+    };
+    let credentials = request.credentials.clone();
+    let registry = myself.clone();
+    let probe = tokio::spawn(async move {
+        let result = client.probe(&credentials).await;
+        let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
+    });
+    state.pending.insert(
+        id,
+        PendingRegistration {
+            name: request.name.clone(),
+            request,
+            reply,
+            probe,
+        },
+    );
+}
+
+async fn on_probe_finished(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: RegistrationId,
+    result: Result<ProbeReport, ProxmoxError>,
+) {
+    let Some(pending) = state.pending.remove(&id) else {
+        return;
+    };
+    if pending.reply.is_closed() {
+        return;
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::info!(cluster = %pending.name, endpoint = %pending.request.endpoint, error = %e, "registration refused by the Proxmox probe");
+            let _ = pending.reply.send(Err(e.into()));
+            return;
+        }
+    };
+    let result = commit_registration(myself, state, pending.request, report).await;
+    let _ = pending.reply.send(result);
+}
+
+async fn commit_registration(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    request: NewCluster,
+    report: ProbeReport,
+) -> Result<ClusterView, RegistryError> {
+    let id = ClusterId::now_v7();
+    let now = Utc::now();
+    let credential = state
+        .vault
+        .seal(&request.credentials.password, id.as_bytes())?;
+    let (status, status_reason) = crate::cluster::assess(&report.health);
+    let record = ClusterRecord {
+        format: ClusterRecord::FORMAT,
+        id,
+        name: request.name,
+        api_endpoint: request.endpoint,
+        username: request.credentials.username.clone(),
+        credential,
+        proxmox_version: report.version,
+        node_count: report.health.node_count,
+        nodes_online: report.health.nodes_online,
+        quorate: report.health.quorate,
+        status,
+        status_reason,
+        last_error: None,
+        last_checked_at: Some(now),
+        created_at: now,
+        updated_at: now,
+    };
+    let store = state.store.clone();
+    let to_write = record.clone();
+    tokio::task::spawn_blocking(move || store.put(std::slice::from_ref(&to_write)))
+        .await
+        .map_err(|e| RegistryError::Task(e.to_string()))??;
+    let cluster = Cluster::registered(record, request.credentials);
+    let view = cluster.view(state.stale_after());
+    tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
+    state.clusters.insert(id, cluster);
+    spawn_monitor(myself, state, id, Some(report.ticket)).await;
+    Ok(view)
+}
+
+async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), RegistryError> {
+    if !state.clusters.contains_key(&id) {
+        return Err(RegistryError::NotFound);
+    }
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || store.delete(id))
+        .await
+        .map_err(|e| RegistryError::Task(e.to_string()))??;
+    // Forget the monitor before killing it, so its termination is not taken for a failure.
+    if let Some(monitor) = state.monitors.remove(&id) {
+        state.monitor_owners.remove(&monitor.actor.get_id());
+        monitor.actor.kill();
+    }
+    state.restarts.remove(&id);
+    state.dirty.remove(&id);
+    if let Some(cluster) = state.clusters.remove(&id) {
+        tracing::info!(cluster = %cluster.record.name, cluster_id = %id, "cluster deregistered");
+    }
+    Ok(())
+}
+
+fn on_check_completed(
+    state: &mut RegistryState,
+    id: ClusterId,
+    generation: u64,
+    outcome: CheckOutcome,
+) {
+    // A report from a monitor that has since been replaced or deleted is stale.
+    if state.monitors.get(&id).map(|m| m.generation) != Some(generation) {
+        return;
+    }
+    let threshold = state.settings.failure_threshold;
+    let Some(cluster) = state.clusters.get_mut(&id) else {
+        return;
+    };
+    let effect = cluster.apply_check(outcome, threshold, Utc::now());
+    if let Some((old, new)) = effect.status_change {
+        log_status_change(cluster, old, new);
+    }
+    if effect.changed {
+        state.dirty.insert(id);
+    }
+}
+
+fn log_status_change(cluster: &Cluster, old: ClusterStatus, new: ClusterStatus) {
+    let record = &cluster.record;
+    let reason: StatusReason = record.status_reason;
+    tracing::info!(
+        cluster = %record.name,
+        cluster_id = %record.id,
+        %reason,
+        error = record.last_error.as_deref().unwrap_or(""),
+        "cluster status {old} -> {new}"
+    );
+}
+
+/// Writes every changed cluster in one durable transaction, so a burst of status changes
+/// costs one fsync, not one per cluster.
+async fn flush(state: &mut RegistryState) {
+    if state.dirty.is_empty() {
+        return;
+    }
+    let records: Vec<ClusterRecord> = state
+        .dirty
+        .iter()
+        .filter_map(|id| state.clusters.get(id).map(|c| c.record.clone()))
+        .collect();
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.put(&records)).await {
+        Ok(Ok(())) => state.dirty.clear(),
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
+        Err(e) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
+    }
+}
+
+async fn spawn_monitor(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: ClusterId,
+    ticket: Option<Ticket>,
+) {
+    let Some(cluster) = state.clusters.get(&id) else {
+        return;
+    };
+    state.next_generation += 1;
+    let generation = state.next_generation;
+    let args = MonitorArgs {
+        cluster_id: id,
+        generation,
+        endpoint: cluster.record.api_endpoint.clone(),
+        credentials: cluster.credentials.clone(),
+        ticket,
+        settings: state.settings.monitor,
+        registry: myself.clone(),
+    };
+    match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
+        Ok((actor, _)) => {
+            state.monitor_owners.insert(actor.get_id(), id);
+            state
+                .monitors
+                .insert(id, MonitorHandle { actor, generation });
+        }
+        Err(e) => {
+            // Never `?` here: an error out of a handler would stop the registry.
+            tracing::error!(cluster_id = %id, error = %e, "cannot start monitor; retrying");
+            myself.send_after(MAX_RESTART_DELAY, move || RegistryMsg::RestartMonitor(id));
+        }
+    }
+}
