@@ -165,7 +165,7 @@ impl MonitorState {
             }
             other => other,
         }
-        .map_or_else(CheckOutcome::Failed, |outcome| outcome)
+        .unwrap_or_else(CheckOutcome::Failed)
     }
 
     async fn check_once(&mut self) -> Result<CheckOutcome, ProxmoxError> {
@@ -187,18 +187,18 @@ impl MonitorState {
             if ticket.age() < TICKET_RENEW_AFTER {
                 return Ok(ticket.clone());
             }
-            if ticket.age() < TICKET_LIFETIME {
-                if let Ok(renewed) = self.client.refresh(&self.credentials, ticket).await {
-                    self.ticket = Some(renewed.clone());
-                    return Ok(renewed);
-                }
+            if ticket.age() < TICKET_LIFETIME
+                && let Ok(renewed) = self.client.refresh(&self.credentials, ticket).await
+            {
+                self.ticket = Some(renewed.clone());
+                return Ok(renewed);
             }
             self.ticket = None;
         }
-        if let Some(backoff) = self.login_backoff {
-            if Instant::now() < backoff.next_attempt {
-                return Err(ProxmoxError::AuthenticationFailed);
-            }
+        if let Some(backoff) = self.login_backoff
+            && Instant::now() < backoff.next_attempt
+        {
+            return Err(ProxmoxError::AuthenticationFailed);
         }
         match self.client.login(&self.credentials).await {
             Ok(ticket) => {

@@ -518,3 +518,116 @@ async fn spawn_monitor(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ProxmoxUser, Secret};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A "Proxmox" that accepts connections and hangs up: every check fails, but each one
+    /// shows up as a connection.
+    fn hang_up_server() -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        (url, connections)
+    }
+
+    async fn wait_until<F: FnMut() -> bool>(mut condition: F, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_monitor_is_restarted_and_keeps_checking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.redb")).expect("store");
+        let vault = Vault::create(&dir.path().join("key")).expect("key");
+        let (url, connections) = hang_up_server();
+        let id = ClusterId::now_v7();
+        let now = Utc::now();
+        let record = ClusterRecord {
+            format: ClusterRecord::FORMAT,
+            id,
+            name: ClusterName::parse("lab").expect("name"),
+            api_endpoint: Endpoint::parse(&url).expect("endpoint"),
+            username: ProxmoxUser::parse("root@pam").expect("user"),
+            credential: vault.seal(&Secret::new("pw"), id.as_bytes()).expect("seal"),
+            proxmox_version: "8.4.1".into(),
+            node_count: 1,
+            nodes_online: 1,
+            quorate: None,
+            status: ClusterStatus::Healthy,
+            status_reason: StatusReason::Ok,
+            last_error: None,
+            last_checked_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let credentials = Credentials {
+            username: record.username.clone(),
+            password: Secret::new("pw"),
+        };
+        let (registry, task) = Actor::spawn(
+            None,
+            RegistryActor,
+            RegistryArgs {
+                store,
+                vault: Arc::new(vault),
+                clusters: vec![Cluster::loaded(record, credentials)],
+                settings: RegistrySettings {
+                    monitor: MonitorSettings {
+                        interval: Duration::from_millis(50),
+                        proxmox_timeout: Duration::from_secs(1),
+                    },
+                    failure_threshold: 3,
+                },
+            },
+        )
+        .await
+        .expect("registry starts");
+
+        let monitor_of = || async {
+            ractor::call!(registry, RegistryMsg::MonitorOf, id).expect("registry answers")
+        };
+        let first = monitor_of().await.expect("a monitor runs");
+        wait_until(|| connections.load(Ordering::SeqCst) >= 2, "first checks").await;
+
+        first
+            .cast(MonitorMsg::Crash)
+            .expect("monitor takes messages");
+        let mut replacement = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replacement.is_none() {
+            assert!(Instant::now() < deadline, "monitor was not restarted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            replacement = monitor_of().await.filter(|m| m.get_id() != first.get_id());
+        }
+        let after_restart = connections.load(Ordering::SeqCst);
+        wait_until(
+            || connections.load(Ordering::SeqCst) >= after_restart + 2,
+            "checks by the restarted monitor",
+        )
+        .await;
+
+        let view = ractor::call!(registry, RegistryMsg::Get, id)
+            .expect("registry answers")
+            .expect("cluster still registered");
+        assert_eq!(view.status, ClusterStatus::Unhealthy);
+        assert_eq!(view.status_reason, StatusReason::Unreachable);
+
+        registry.stop(None);
+        task.await.expect("registry stops cleanly");
+    }
+}
