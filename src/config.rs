@@ -316,7 +316,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: &[(Option<&str>, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 None,
                 &[("PROXMOXER_MONITOR_INTERVAL", "often")],
