@@ -3,3 +3,4 @@
 mod fake_pve;
 mod fake_pve_selftest;
 mod helpers;
+mod registration;
