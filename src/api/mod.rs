@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -73,9 +73,9 @@ async fn clusters_list(State(state): State<AppState>) -> Result<Json<Value>, Api
 
 async fn clusters_get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ClusterView>, ApiError> {
-    let id = parse_cluster_id(&id)?;
+    let id = parse_cluster_id(id)?;
     let registry = &state.registry;
     let view = call_t!(registry, RegistryMsg::Get, REGISTRY_CALL_TIMEOUT_MS, id)
         .map_err(registry_unavailable)?;
@@ -84,9 +84,9 @@ async fn clusters_get(
 
 async fn clusters_delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_cluster_id(&id)?;
+    let id = parse_cluster_id(id)?;
     let registry = &state.registry;
     call_t!(registry, RegistryMsg::Delete, REGISTRY_CALL_TIMEOUT_MS, id)
         .map_err(registry_unavailable)??;
@@ -140,9 +140,10 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Any id that is not a UUID names no cluster: 404, like an unknown UUID.
-fn parse_cluster_id(raw: &str) -> Result<ClusterId, ApiError> {
-    ClusterId::parse_str(raw).map_err(|_| ApiError::ClusterNotFound)
+/// Any id that is not a UUID (or not even UTF-8) names no cluster: 404, like an unknown UUID.
+fn parse_cluster_id(raw: Result<Path<String>, PathRejection>) -> Result<ClusterId, ApiError> {
+    let Path(raw) = raw.map_err(|_| ApiError::ClusterNotFound)?;
+    ClusterId::parse_str(&raw).map_err(|_| ApiError::ClusterNotFound)
 }
 
 async fn ask<T: Send + 'static>(
