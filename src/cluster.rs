@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 
-use crate::domain::{ClusterId, ClusterStatus, Credentials, StatusReason};
+use crate::domain::{AuthMethod, ClusterId, ClusterStatus, Credentials, StatusReason};
 use crate::proxmox::{ClusterHealth, ProxmoxError};
 use crate::store::ClusterRecord;
+use crate::tls::Fingerprint;
 
 /// A monitor's verdict on one check.
 #[derive(Debug, Clone)]
@@ -163,6 +164,8 @@ impl Cluster {
             last_error: record.last_error.clone(),
             nodes_online: record.nodes_online,
             quorate: record.quorate,
+            auth_method: record.auth_method,
+            fingerprint: record.fingerprint,
         }
     }
 }
@@ -186,6 +189,9 @@ pub struct ClusterView {
     pub last_error: Option<String>,
     pub nodes_online: u32,
     pub quorate: Option<bool>,
+    pub auth_method: AuthMethod,
+    /// The pinned certificate fingerprint, if any.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// `2024-01-11T10:30:00Z`, as the API specification shows timestamps.
@@ -223,7 +229,10 @@ mod tests {
             name: ClusterName::parse("prod").expect("name"),
             api_endpoint: Endpoint::parse("https://pve:8006").expect("endpoint"),
             username: ProxmoxUser::parse("root@pam").expect("user"),
+            auth_method: crate::domain::AuthMethod::Password,
+            token_id: None,
             credential: vault.seal(&Secret::new("pw"), b"x").expect("seal"),
+            fingerprint: None,
             proxmox_version: "8.4.1".into(),
             node_count: 3,
             nodes_online: 3,
@@ -235,7 +244,7 @@ mod tests {
             created_at: now,
             updated_at: now,
         };
-        let credentials = Credentials {
+        let credentials = Credentials::Password {
             username: record.username.clone(),
             password: Secret::new("pw"),
         };

@@ -48,6 +48,8 @@ pub struct Config {
     pub failure_threshold: u32,
     pub proxmox_timeout: Duration,
     pub log_level: String,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,7 +59,15 @@ struct FileConfig {
     storage: StorageSection,
     monitor: MonitorSection,
     proxmox: ProxmoxSection,
+    tls: TlsSection,
     log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TlsSection {
+    ca_file: Option<PathBuf>,
+    insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +197,21 @@ impl Config {
         if let Some(v) = env("PROXMOXER_PROXMOX_TIMEOUT") {
             raw.proxmox.timeout = parse_duration("PROXMOXER_PROXMOX_TIMEOUT", &v)?;
         }
+        if let Some(v) = env("PROXMOXER_TLS_CA_FILE") {
+            raw.tls.ca_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("PROXMOXER_TLS_INSECURE_SKIP_VERIFY") {
+            raw.tls.insecure_skip_verify = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "PROXMOXER_TLS_INSECURE_SKIP_VERIFY",
+                        format!("{v:?} is not true or false"),
+                    ));
+                }
+            };
+        }
         if let Some(v) = env("PROXMOXER_LOG") {
             raw.log.level = v;
         }
@@ -228,6 +253,8 @@ impl Config {
             failure_threshold: raw.monitor.failure_threshold,
             proxmox_timeout: raw.proxmox.timeout,
             log_level: raw.log.level,
+            tls_ca_file: raw.tls.ca_file.filter(|p| !p.as_os_str().is_empty()),
+            tls_insecure_skip_verify: raw.tls.insecure_skip_verify,
         })
     }
 }

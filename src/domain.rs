@@ -119,6 +119,10 @@ impl Endpoint {
         &self.0
     }
 
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
+
     /// The URL of an API path such as `/version`.
     pub fn api_url(&self, path: &str) -> String {
         format!("{}/api2/json{path}", self.0)
@@ -210,11 +214,98 @@ impl fmt::Display for Secret {
     }
 }
 
-/// How a registered cluster logs in to Proxmox.
+/// A Proxmox API token's name, the part after `!` in `user@realm!name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenId(String);
+
+impl TokenId {
+    /// Accepts the bare name, or the full `user@realm!name` when its user is `username`.
+    pub fn parse(raw: &str, username: &ProxmoxUser) -> Result<Self, ValidationError> {
+        let invalid =
+            |reason: String| ValidationError::new("token_id", "Token ID is invalid", reason);
+        let name = match raw.split_once('!') {
+            Some((user, name)) if user == username.as_str() => name,
+            Some((user, _)) => {
+                return Err(invalid(format!(
+                    "names the token of {user}, but username is {username}"
+                )));
+            }
+            None => raw,
+        };
+        // Proxmox's token name format: a letter, then letters, digits, . - _
+        let valid = name.len() >= 2
+            && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !valid {
+            return Err(invalid(
+                "must be the token name, e.g. monitoring (a letter, then letters, digits, . - _)"
+                    .to_owned(),
+            ));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which kind of secret a cluster authenticates with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    #[default]
+    Password,
+    Token,
+}
+
+/// How a registered cluster authenticates to Proxmox.
 #[derive(Debug, Clone)]
-pub struct Credentials {
-    pub username: ProxmoxUser,
-    pub password: Secret,
+pub enum Credentials {
+    /// A ticket login with the user's password.
+    Password {
+        username: ProxmoxUser,
+        password: Secret,
+    },
+    /// An API token: no login, a `PVEAPIToken` header on every request.
+    Token {
+        username: ProxmoxUser,
+        token_id: TokenId,
+        secret: Secret,
+    },
+}
+
+impl Credentials {
+    pub fn username(&self) -> &ProxmoxUser {
+        match self {
+            Self::Password { username, .. } | Self::Token { username, .. } => username,
+        }
+    }
+
+    /// The password or token secret: what gets sealed at rest.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Self::Password { password, .. } => password,
+            Self::Token { secret, .. } => secret,
+        }
+    }
+
+    pub fn method(&self) -> AuthMethod {
+        match self {
+            Self::Password { .. } => AuthMethod::Password,
+            Self::Token { .. } => AuthMethod::Token,
+        }
+    }
+
+    pub fn token_id(&self) -> Option<&TokenId> {
+        match self {
+            Self::Password { .. } => None,
+            Self::Token { token_id, .. } => Some(token_id),
+        }
+    }
 }
 
 /// The health the API reports for a cluster.
@@ -331,6 +422,25 @@ mod tests {
         assert!(ClusterName::parse(&"x".repeat(255)).is_ok());
         assert!(ClusterName::parse(&"x".repeat(256)).is_err());
         assert!(ClusterName::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn token_ids_are_names_or_full_ids_of_the_same_user() {
+        let user = ProxmoxUser::parse("monitor@pve").expect("user");
+        assert_eq!(
+            TokenId::parse("health", &user).map(|t| t.0),
+            Ok("health".into())
+        );
+        assert_eq!(
+            TokenId::parse("monitor@pve!health", &user).map(|t| t.0),
+            Ok("health".into())
+        );
+        for raw in ["", "1abc", "a", "he alth", "root@pam!health", "health="] {
+            assert!(
+                TokenId::parse(raw, &user).is_err(),
+                "{raw} should be refused"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`proxmox`]: the typed Proxmox VE API client.
 //! - [`store`]: the redb cluster table.
 //! - [`secrets`]: the AEAD envelope and key file for stored credentials.
+//! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -23,6 +24,7 @@ pub mod proxmox;
 pub mod registry;
 pub mod secrets;
 pub mod store;
+pub mod tls;
 
 use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
@@ -33,11 +35,12 @@ use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::domain::{Credentials, Secret};
+use crate::domain::Secret;
 use crate::monitor::MonitorSettings;
 use crate::registry::{RegistryActor, RegistryArgs, RegistrySettings};
 use crate::secrets::{SecretsError, Vault};
 use crate::store::{Store, StoreError};
+use crate::tls::{TlsError, TrustAnchors};
 
 /// A known plaintext sealed under the key, to recognise the right key at start.
 const KEY_CHECK_PLAINTEXT: &str = "proxmoxer key check";
@@ -50,6 +53,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error(
         "the database holds encrypted credentials but the key file {0} is missing; restore the key \
          (a new key cannot decrypt them, so none is generated)"
@@ -88,6 +93,10 @@ pub async fn run(
         "database opened"
     );
 
+    let trust = TrustAnchors::load(
+        config.tls_ca_file.as_deref(),
+        config.tls_insecure_skip_verify,
+    )?;
     let settings = RegistrySettings {
         monitor: MonitorSettings {
             interval: config.monitor_interval,
@@ -103,6 +112,7 @@ pub async fn run(
             vault: Arc::new(vault),
             clusters,
             settings,
+            trust,
         },
     )
     .await
@@ -171,14 +181,11 @@ fn open_state(
         .load_all()?
         .into_iter()
         .map(|record| {
-            let password = vault.open(&record.credential, record.id.as_bytes())?;
-            let credentials = Credentials {
-                username: record.username.clone(),
-                password,
-            };
+            let secret = vault.open(&record.credential, record.id.as_bytes())?;
+            let credentials = record.credentials(secret)?;
             Ok(Cluster::loaded(record, credentials))
         })
-        .collect::<Result<Vec<_>, SecretsError>>()?;
+        .collect::<Result<Vec<_>, StartupError>>()?;
     Ok((store, vault, clusters))
 }
 

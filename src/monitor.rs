@@ -10,8 +10,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::cluster::CheckOutcome;
 use crate::domain::{ClusterId, Credentials, Endpoint};
-use crate::proxmox::{ProxmoxClient, ProxmoxError, Ticket};
+use crate::proxmox::{ProxmoxClient, ProxmoxError, Session};
 use crate::registry::RegistryMsg;
+use crate::tls::{Fingerprint, TrustAnchors};
 
 /// Proxmox tickets live two hours; renew well before, as proxmox-login does at 90 minutes.
 const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
@@ -33,9 +34,11 @@ pub struct MonitorArgs {
     /// Tags reports so the registry can drop those of a monitor it has replaced.
     pub generation: u64,
     pub endpoint: Endpoint,
+    pub fingerprint: Option<Fingerprint>,
+    pub trust: TrustAnchors,
     pub credentials: Credentials,
-    /// The ticket from the registration probe, so a new cluster costs one login, not two.
-    pub ticket: Option<Ticket>,
+    /// The session from the registration probe, so a new cluster costs one login, not two.
+    pub session: Option<Session>,
     pub settings: MonitorSettings,
     pub registry: ActorRef<RegistryMsg>,
 }
@@ -55,15 +58,16 @@ pub struct MonitorState {
     credentials: Credentials,
     settings: MonitorSettings,
     registry: ActorRef<RegistryMsg>,
-    ticket: Option<Ticket>,
+    session: Option<Session>,
     /// `/version` is read after every login, so upgrades show.
     version_due: bool,
     login_backoff: Option<LoginBackoff>,
     next_check: Instant,
 }
 
-/// After Proxmox rejects the credentials, logins are spaced out (doubling, up to an hour) so a
-/// changed password never makes this daemon a brute-forcer that fail2ban bans.
+/// After Proxmox rejects the credentials, attempts are spaced out (doubling, up to an hour) so
+/// a changed password or revoked token never makes this daemon a brute-forcer that fail2ban
+/// bans.
 #[derive(Debug, Clone, Copy)]
 struct LoginBackoff {
     delay: Duration,
@@ -80,13 +84,18 @@ impl Actor for MonitorActor {
         _myself: ActorRef<Self::Msg>,
         args: MonitorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let client = ProxmoxClient::new(args.endpoint, args.settings.proxmox_timeout)?;
+        let client = ProxmoxClient::new(
+            args.endpoint,
+            args.settings.proxmox_timeout,
+            &args.trust,
+            args.fingerprint,
+        )?;
         Ok(MonitorState {
             cluster_id: args.cluster_id,
             generation: args.generation,
             client,
-            version_due: args.ticket.is_none(),
-            ticket: args.ticket,
+            version_due: args.session.is_none(),
+            session: args.session,
             credentials: args.credentials,
             settings: args.settings,
             registry: args.registry,
@@ -157,10 +166,14 @@ impl MonitorState {
 
     async fn check(&mut self) -> CheckOutcome {
         match self.check_once().await {
-            // The ticket was revoked or Proxmox restarted with a new key: log in once more now.
             Err(ProxmoxError::SessionRejected(reason)) => {
+                self.session = None;
+                if matches!(self.credentials, Credentials::Token { .. }) {
+                    self.credentials_rejected();
+                    return CheckOutcome::Failed(ProxmoxError::AuthenticationFailed);
+                }
+                // The ticket was revoked, or Proxmox rotated its key: log in once more now.
                 tracing::debug!(cluster_id = %self.cluster_id, %reason, "ticket rejected; logging in again");
-                self.ticket = None;
                 self.check_once().await
             }
             other => other,
@@ -169,62 +182,75 @@ impl MonitorState {
     }
 
     async fn check_once(&mut self) -> Result<CheckOutcome, ProxmoxError> {
-        let ticket = self.session().await?;
+        let session = self.session().await?;
         let version = if self.version_due {
-            let version = self.client.version(&ticket).await?;
+            let version = self.client.version(&session).await?;
             self.version_due = false;
             Some(version)
         } else {
             None
         };
-        let health = self.client.cluster_status(&ticket).await?;
+        let health = self.client.cluster_status(&session).await?;
+        // Proxmox accepted the credentials: a later rejection starts the back-off afresh.
+        self.login_backoff = None;
         Ok(CheckOutcome::Answered { health, version })
     }
 
-    /// A valid ticket: the current one, a renewed one, or a fresh login.
-    async fn session(&mut self) -> Result<Ticket, ProxmoxError> {
-        if let Some(ticket) = &self.ticket {
-            if ticket.age() < TICKET_RENEW_AFTER {
-                return Ok(ticket.clone());
+    /// A usable session: the current one, a renewed ticket, or a fresh login.
+    async fn session(&mut self) -> Result<Session, ProxmoxError> {
+        match &self.session {
+            Some(session @ Session::Token(_)) => return Ok(session.clone()),
+            Some(Session::Ticket(ticket)) => {
+                if ticket.age() < TICKET_RENEW_AFTER {
+                    return Ok(Session::Ticket(ticket.clone()));
+                }
+                if ticket.age() < TICKET_LIFETIME
+                    && let Ok(renewed) = self
+                        .client
+                        .refresh(self.credentials.username(), ticket)
+                        .await
+                {
+                    let renewed = Session::Ticket(renewed);
+                    self.session = Some(renewed.clone());
+                    return Ok(renewed);
+                }
+                self.session = None;
             }
-            if ticket.age() < TICKET_LIFETIME
-                && let Ok(renewed) = self.client.refresh(&self.credentials, ticket).await
-            {
-                self.ticket = Some(renewed.clone());
-                return Ok(renewed);
-            }
-            self.ticket = None;
+            None => {}
         }
         if let Some(backoff) = self.login_backoff
             && Instant::now() < backoff.next_attempt
         {
             return Err(ProxmoxError::AuthenticationFailed);
         }
-        match self.client.login(&self.credentials).await {
-            Ok(ticket) => {
-                self.login_backoff = None;
+        match self.client.open_session(&self.credentials).await {
+            Ok(session) => {
                 self.version_due = true;
-                self.ticket = Some(ticket.clone());
-                Ok(ticket)
+                self.session = Some(session.clone());
+                Ok(session)
             }
             Err(e @ (ProxmoxError::AuthenticationFailed | ProxmoxError::TwoFactorRequired)) => {
-                let delay = self
-                    .login_backoff
-                    .map_or(self.settings.interval * 2, |b| b.delay * 2)
-                    .min(MAX_LOGIN_BACKOFF);
-                tracing::warn!(
-                    cluster_id = %self.cluster_id,
-                    retry_in = %humantime::format_duration(delay),
-                    "Proxmox rejected the stored credentials; backing off further logins"
-                );
-                self.login_backoff = Some(LoginBackoff {
-                    delay,
-                    next_attempt: Instant::now() + delay,
-                });
+                self.credentials_rejected();
                 Err(e)
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn credentials_rejected(&mut self) {
+        let delay = self
+            .login_backoff
+            .map_or(self.settings.interval * 2, |b| b.delay * 2)
+            .min(MAX_LOGIN_BACKOFF);
+        tracing::warn!(
+            cluster_id = %self.cluster_id,
+            retry_in = %humantime::format_duration(delay),
+            "Proxmox rejected the stored credentials; backing off further attempts"
+        );
+        self.login_backoff = Some(LoginBackoff {
+            delay,
+            next_attempt: Instant::now() + delay,
+        });
     }
 }
 

@@ -10,7 +10,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer};
 
-use crate::domain::{Credentials, Endpoint, Secret, StatusReason};
+use crate::domain::{Credentials, Endpoint, ProxmoxUser, Secret, StatusReason};
+use crate::tls::{Fingerprint, PresentedCertificate, TrustAnchors};
 
 /// pveproxy drops keep-alive connections idle for 5 s; reusing one races that close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -35,6 +36,20 @@ pub enum ProxmoxError {
     #[error("TLS error: {0}")]
     Tls(String),
     #[error(
+        "certificate not trusted: the server presented SHA-256 fingerprint {presented} ({detail})"
+    )]
+    CertificateNotTrusted {
+        presented: Fingerprint,
+        detail: String,
+    },
+    #[error(
+        "certificate changed: the server presented SHA-256 fingerprint {presented}, but {pinned} is pinned"
+    )]
+    CertificateMismatch {
+        presented: Fingerprint,
+        pinned: Fingerprint,
+    },
+    #[error(
         "Proxmox answered with a redirect ({status}) to {location}; redirects are not followed"
     )]
     Redirect { status: u16, location: String },
@@ -54,7 +69,9 @@ impl ProxmoxError {
             Self::Forbidden(_) => StatusReason::Forbidden,
             Self::Unreachable(_) => StatusReason::Unreachable,
             Self::Timeout(_) => StatusReason::Timeout,
-            Self::Tls(_) => StatusReason::TlsError,
+            Self::Tls(_)
+            | Self::CertificateNotTrusted { .. }
+            | Self::CertificateMismatch { .. } => StatusReason::TlsError,
             Self::Redirect { .. } | Self::BadResponse(_) => StatusReason::BadResponse,
             // A 5xx, or pveproxy's own 59x, means Proxmox cannot serve us right now.
             Self::Http { status, .. } if *status >= 500 => StatusReason::Unreachable,
@@ -77,6 +94,29 @@ impl Ticket {
     }
 }
 
+/// How requests authenticate: a ticket from a password login, or an API token.
+#[derive(Debug, Clone)]
+pub enum Session {
+    Ticket(Ticket),
+    /// The whole `Authorization` header value, `PVEAPIToken=user@realm!name=secret`.
+    Token(Secret),
+}
+
+impl Session {
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        match self {
+            // CSRF is only checked on writes, but sending it on reads does no harm.
+            Self::Ticket(ticket) => request
+                .header(
+                    reqwest::header::COOKIE,
+                    format!("PVEAuthCookie={}", ticket.ticket.expose()),
+                )
+                .header("CSRFPreventionToken", ticket.csrf_token.expose()),
+            Self::Token(header) => request.header(reqwest::header::AUTHORIZATION, header.expose()),
+        }
+    }
+}
+
 /// The parts of `/cluster/status` the status rules need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterHealth {
@@ -91,7 +131,7 @@ pub struct ClusterHealth {
 pub struct ProbeReport {
     pub version: String,
     pub health: ClusterHealth,
-    pub ticket: Ticket,
+    pub session: Session,
 }
 
 /// A client for one Proxmox endpoint. Cheap to clone; clones share the connection pool.
@@ -100,12 +140,25 @@ pub struct ProxmoxClient {
     http: reqwest::Client,
     endpoint: Endpoint,
     timeout: Duration,
+    pin: Option<Fingerprint>,
+    presented: PresentedCertificate,
 }
 
 impl ProxmoxClient {
     /// `timeout` bounds every request as a whole: connect, TLS, headers and body.
-    pub fn new(endpoint: Endpoint, timeout: Duration) -> Result<Self, ProxmoxError> {
+    /// With a `pin`, the server is trusted exactly when its certificate has that fingerprint;
+    /// without, when it chains to a root of `trust`.
+    pub fn new(
+        endpoint: Endpoint,
+        timeout: Duration,
+        trust: &TrustAnchors,
+        pin: Option<Fingerprint>,
+    ) -> Result<Self, ProxmoxError> {
+        let (tls, presented) = trust
+            .client_config(pin)
+            .map_err(|e| ProxmoxError::Tls(e.to_string()))?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             // Credentials must never reach another host: a 3xx is an error, not a hop.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout)
@@ -118,35 +171,54 @@ impl ProxmoxClient {
             http,
             endpoint,
             timeout,
+            pin,
+            presented,
         })
     }
 
     /// Logs in, then reads the version and the cluster status: everything registration needs.
     pub async fn probe(&self, credentials: &Credentials) -> Result<ProbeReport, ProxmoxError> {
-        let ticket = self.login(credentials).await?;
-        let version = self.version(&ticket).await?;
-        let health = self.cluster_status(&ticket).await?;
+        let session = self.open_session(credentials).await?;
+        let version = self.version(&session).await.map_err(|e| match e {
+            // A token is first tried here; its rejection is a credential failure.
+            ProxmoxError::SessionRejected(_) => ProxmoxError::AuthenticationFailed,
+            other => other,
+        })?;
+        let health = self.cluster_status(&session).await?;
         Ok(ProbeReport {
             version,
             health,
-            ticket,
+            session,
         })
     }
 
-    /// `POST /access/ticket` with a form body, as every Proxmox version accepts it.
-    pub async fn login(&self, credentials: &Credentials) -> Result<Ticket, ProxmoxError> {
-        self.request_ticket(credentials.username.as_str(), credentials.password.expose())
-            .await
+    /// Logs in with a password; a token needs no login, so it costs no request.
+    pub async fn open_session(&self, credentials: &Credentials) -> Result<Session, ProxmoxError> {
+        match credentials {
+            Credentials::Password { username, password } => self
+                .request_ticket(username.as_str(), password.expose())
+                .await
+                .map(Session::Ticket),
+            Credentials::Token {
+                username,
+                token_id,
+                secret,
+            } => Ok(Session::Token(Secret::new(format!(
+                "PVEAPIToken={username}!{}={}",
+                token_id.as_str(),
+                secret.expose()
+            )))),
+        }
     }
 
     /// Renews a still-valid ticket by sending it as the password, which costs Proxmox no
     /// realm authentication.
     pub async fn refresh(
         &self,
-        credentials: &Credentials,
+        username: &ProxmoxUser,
         ticket: &Ticket,
     ) -> Result<Ticket, ProxmoxError> {
-        self.request_ticket(credentials.username.as_str(), ticket.ticket.expose())
+        self.request_ticket(username.as_str(), ticket.ticket.expose())
             .await
     }
 
@@ -173,30 +245,24 @@ impl ProxmoxClient {
     }
 
     /// `GET /version`: the full pve-manager version, e.g. `8.4.1` or `7.4-3`.
-    pub async fn version(&self, ticket: &Ticket) -> Result<String, ProxmoxError> {
-        let data: VersionData = self.get("/version", ticket).await?;
+    pub async fn version(&self, session: &Session) -> Result<String, ProxmoxError> {
+        let data: VersionData = self.get("/version", session).await?;
         Ok(data.version)
     }
 
     /// `GET /cluster/status`, which needs Sys.Audit on `/`.
-    pub async fn cluster_status(&self, ticket: &Ticket) -> Result<ClusterHealth, ProxmoxError> {
-        let entries: Vec<StatusEntry> = self.get("/cluster/status", ticket).await?;
+    pub async fn cluster_status(&self, session: &Session) -> Result<ClusterHealth, ProxmoxError> {
+        let entries: Vec<StatusEntry> = self.get("/cluster/status", session).await?;
         Ok(health_from_entries(&entries))
     }
 
     async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
-        ticket: &Ticket,
+        session: &Session,
     ) -> Result<T, ProxmoxError> {
-        let request = self
-            .http
-            .request(Method::GET, self.endpoint.api_url(path))
-            .header(
-                reqwest::header::COOKIE,
-                format!("PVEAuthCookie={}", ticket.ticket.expose()),
-            )
-            .header("CSRFPreventionToken", ticket.csrf_token.expose());
+        let request =
+            session.authorize(self.http.request(Method::GET, self.endpoint.api_url(path)));
         let response = self.send(request, true).await?;
         let data: Option<T> = read_data(check_status(response)?).await?;
         data.ok_or_else(|| ProxmoxError::BadResponse(format!("{path} answered without data")))
@@ -214,6 +280,8 @@ impl ProxmoxClient {
         } else {
             None
         };
+        // Forget the previous handshake's certificate, so a failure reports this one's.
+        self.presented.take();
         match request.send().await {
             Ok(response) => Ok(response),
             Err(e) if !e.is_timeout() && !e.is_connect() && retry.is_some() => {
@@ -234,7 +302,16 @@ impl ProxmoxClient {
         let chain = error_chain(error);
         let lower = chain.to_ascii_lowercase();
         if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-            return ProxmoxError::Tls(chain);
+            return match (self.presented.take(), self.pin) {
+                (Some(presented), Some(pinned)) if presented != pinned => {
+                    ProxmoxError::CertificateMismatch { presented, pinned }
+                }
+                (Some(presented), _) => ProxmoxError::CertificateNotTrusted {
+                    presented,
+                    detail: tls_detail(&chain),
+                },
+                (None, _) => ProxmoxError::Tls(chain),
+            };
         }
         if let Some(io) = find_io_error(error) {
             match io.kind() {
@@ -252,6 +329,15 @@ impl ProxmoxClient {
         }
         ProxmoxError::Unreachable(chain)
     }
+}
+
+/// rustls' reason, without reqwest's and hyper's wrappers around it.
+fn tls_detail(chain: &str) -> String {
+    chain
+        .rsplit(": ")
+        .find(|part| !part.trim().is_empty())
+        .unwrap_or(chain)
+        .to_owned()
 }
 
 fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {

@@ -15,9 +15,10 @@ use tokio::task::JoinHandle;
 use crate::cluster::{CheckOutcome, Cluster, ClusterView};
 use crate::domain::{ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, StatusReason};
 use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg, MonitorSettings};
-use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Ticket};
+use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
 use crate::secrets::{SecretsError, Vault};
 use crate::store::{ClusterRecord, Store, StoreError};
+use crate::tls::{Fingerprint, TrustAnchors};
 
 /// How often monitor results that changed something are written, in one transaction.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -52,6 +53,7 @@ pub enum RegistryError {
 pub struct NewCluster {
     pub name: ClusterName,
     pub endpoint: Endpoint,
+    pub fingerprint: Option<Fingerprint>,
     pub credentials: Credentials,
 }
 
@@ -93,6 +95,7 @@ pub struct RegistryArgs {
     pub vault: Arc<Vault>,
     pub clusters: Vec<Cluster>,
     pub settings: RegistrySettings,
+    pub trust: TrustAnchors,
 }
 
 struct PendingRegistration {
@@ -117,6 +120,7 @@ pub struct RegistryState {
     store: Store,
     vault: Arc<Vault>,
     settings: RegistrySettings,
+    trust: TrustAnchors,
     clusters: BTreeMap<ClusterId, Cluster>,
     pending: HashMap<RegistrationId, PendingRegistration>,
     monitors: HashMap<ClusterId, MonitorHandle>,
@@ -151,6 +155,7 @@ impl Actor for RegistryActor {
             store: args.store,
             vault: args.vault,
             settings: args.settings,
+            trust: args.trust,
             clusters: args.clusters.into_iter().map(|c| (c.id(), c)).collect(),
             pending: HashMap::new(),
             monitors: HashMap::new(),
@@ -318,6 +323,8 @@ fn on_register(
     let client = match ProxmoxClient::new(
         request.endpoint.clone(),
         state.settings.monitor.proxmox_timeout,
+        &state.trust,
+        request.fingerprint,
     ) {
         Ok(client) => client,
         Err(e) => {
@@ -376,15 +383,18 @@ async fn commit_registration(
     let now = Utc::now();
     let credential = state
         .vault
-        .seal(&request.credentials.password, id.as_bytes())?;
+        .seal(request.credentials.secret(), id.as_bytes())?;
     let (status, status_reason) = crate::cluster::assess(&report.health);
     let record = ClusterRecord {
         format: ClusterRecord::FORMAT,
         id,
         name: request.name,
         api_endpoint: request.endpoint,
-        username: request.credentials.username.clone(),
+        username: request.credentials.username().clone(),
+        auth_method: request.credentials.method(),
+        token_id: request.credentials.token_id().cloned(),
         credential,
+        fingerprint: request.fingerprint,
         proxmox_version: report.version,
         node_count: report.health.node_count,
         nodes_online: report.health.nodes_online,
@@ -405,7 +415,7 @@ async fn commit_registration(
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
     state.clusters.insert(id, cluster);
-    spawn_monitor(myself, state, id, Some(report.ticket)).await;
+    spawn_monitor(myself, state, id, Some(report.session)).await;
     Ok(view)
 }
 
@@ -488,7 +498,7 @@ async fn spawn_monitor(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     id: ClusterId,
-    ticket: Option<Ticket>,
+    session: Option<Session>,
 ) {
     let Some(cluster) = state.clusters.get(&id) else {
         return;
@@ -499,8 +509,10 @@ async fn spawn_monitor(
         cluster_id: id,
         generation,
         endpoint: cluster.record.api_endpoint.clone(),
+        fingerprint: cluster.record.fingerprint,
+        trust: state.trust.clone(),
         credentials: cluster.credentials.clone(),
-        ticket,
+        session,
         settings: state.settings.monitor,
         registry: myself.clone(),
     };
@@ -563,7 +575,10 @@ mod tests {
             name: ClusterName::parse("lab").expect("name"),
             api_endpoint: Endpoint::parse(&url).expect("endpoint"),
             username: ProxmoxUser::parse("root@pam").expect("user"),
+            auth_method: crate::domain::AuthMethod::Password,
+            token_id: None,
             credential: vault.seal(&Secret::new("pw"), id.as_bytes()).expect("seal"),
+            fingerprint: None,
             proxmox_version: "8.4.1".into(),
             node_count: 1,
             nodes_online: 1,
@@ -575,7 +590,7 @@ mod tests {
             created_at: now,
             updated_at: now,
         };
-        let credentials = Credentials {
+        let credentials = Credentials::Password {
             username: record.username.clone(),
             password: Secret::new("pw"),
         };
@@ -593,6 +608,7 @@ mod tests {
                     },
                     failure_threshold: 3,
                 },
+                trust: TrustAnchors::load(None, false).expect("trust anchors"),
             },
         )
         .await

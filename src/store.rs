@@ -15,8 +15,12 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ClusterId, ClusterName, ClusterStatus, Endpoint, ProxmoxUser, StatusReason};
+use crate::domain::{
+    AuthMethod, ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, ProxmoxUser, Secret,
+    StatusReason, TokenId,
+};
 use crate::secrets::SealedSecret;
+use crate::tls::Fingerprint;
 
 const CLUSTERS: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("clusters_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
@@ -62,7 +66,14 @@ pub struct ClusterRecord {
     pub name: ClusterName,
     pub api_endpoint: Endpoint,
     pub username: ProxmoxUser,
+    #[serde(default)]
+    pub auth_method: AuthMethod,
+    #[serde(default)]
+    pub token_id: Option<TokenId>,
+    /// The password or token secret, sealed under the key with the id as context.
     pub credential: SealedSecret,
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
     pub proxmox_version: String,
     pub node_count: u32,
     pub nodes_online: u32,
@@ -77,6 +88,25 @@ pub struct ClusterRecord {
 
 impl ClusterRecord {
     pub const FORMAT: u32 = RECORD_FORMAT;
+
+    /// The credentials, given the opened secret.
+    pub fn credentials(&self, secret: Secret) -> Result<Credentials, StoreError> {
+        match (self.auth_method, &self.token_id) {
+            (AuthMethod::Password, _) => Ok(Credentials::Password {
+                username: self.username.clone(),
+                password: secret,
+            }),
+            (AuthMethod::Token, Some(token_id)) => Ok(Credentials::Token {
+                username: self.username.clone(),
+                token_id: token_id.clone(),
+                secret,
+            }),
+            (AuthMethod::Token, None) => Err(StoreError::Corrupt {
+                id: self.id.to_string(),
+                message: "token credentials without a token id".into(),
+            }),
+        }
+    }
 }
 
 /// A handle to the database. Clones share it.

@@ -18,8 +18,9 @@ use serde_json::{Map, Value, json};
 pub use error::ApiError;
 
 use crate::cluster::ClusterView;
-use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, ProxmoxUser, Secret};
+use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, ProxmoxUser, Secret, TokenId};
 use crate::registry::{NewCluster, RegistrationId, RegistryMsg};
+use crate::tls::Fingerprint;
 
 /// Registration bodies are a few hundred bytes; anything near this is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -183,21 +184,65 @@ fn parse_registration(body: Value) -> Result<NewCluster, ApiError> {
         "username",
         "Username is required",
     )?)?;
-    let password = required_string(&fields, "password", "Password is required")?;
-    if password.is_empty() {
+    let credentials = parse_credentials(&fields, username)?;
+    let fingerprint = optional_string(&fields, "fingerprint")?
+        .map(Fingerprint::parse)
+        .transpose()?;
+    if fingerprint.is_some() && !endpoint.is_https() {
         return Err(ApiError::bad_request(
-            "Password is required",
-            json!({ "field": "password", "reason": "must not be empty" }),
+            "Fingerprint needs an https endpoint",
+            json!({ "field": "fingerprint", "reason": "a certificate can only be pinned on https" }),
         ));
     }
     Ok(NewCluster {
         name,
         endpoint,
-        credentials: Credentials {
+        fingerprint,
+        credentials,
+    })
+}
+
+/// Exactly one of a password or an API token (`token_id` with `token_secret`).
+fn parse_credentials(
+    fields: &Map<String, Value>,
+    username: ProxmoxUser,
+) -> Result<Credentials, ApiError> {
+    let password = optional_string(fields, "password")?;
+    let token_id = optional_string(fields, "token_id")?;
+    let token_secret = optional_string(fields, "token_secret")?;
+    match (password, token_id, token_secret) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::bad_request(
+            "Give either a password or an API token, not both",
+            json!({
+                "fields": ["password", "token_id", "token_secret"],
+                "reason": "send password, or token_id and token_secret",
+            }),
+        )),
+        (Some(""), None, None) | (None, None, None) => Err(ApiError::bad_request(
+            "Password is required",
+            json!({
+                "field": "password",
+                "reason": "send a non-empty password, or token_id and token_secret",
+            }),
+        )),
+        (Some(password), None, None) => Ok(Credentials::Password {
             username,
             password: Secret::new(password),
-        },
-    })
+        }),
+        (None, Some(_), None | Some("")) => Err(ApiError::bad_request(
+            "Token secret is required",
+            json!({ "field": "token_secret", "reason": "token_id needs its token_secret" }),
+        )),
+        (None, None | Some(""), Some(_)) => Err(ApiError::bad_request(
+            "Token ID is required",
+            json!({ "field": "token_id", "reason": "token_secret needs its token_id" }),
+        )),
+        (None, Some(token_id), Some(secret)) => Ok(Credentials::Token {
+            token_id: TokenId::parse(token_id, &username)?,
+            username,
+            secret: Secret::new(secret),
+        }),
+    }
 }
 
 fn required_string<'a>(
@@ -205,12 +250,22 @@ fn required_string<'a>(
     field: &'static str,
     missing_message: &str,
 ) -> Result<&'a str, ApiError> {
-    match fields.get(field) {
-        None | Some(Value::Null) => Err(ApiError::bad_request(
+    optional_string(fields, field)?.ok_or_else(|| {
+        ApiError::bad_request(
             missing_message,
             json!({ "field": field, "reason": "missing" }),
-        )),
-        Some(Value::String(s)) => Ok(s),
+        )
+    })
+}
+
+/// A string field; absent and `null` are both `None`.
+fn optional_string<'a>(
+    fields: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, ApiError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(ApiError::bad_request(
             format!("Field {field} must be a string"),
             json!({ "field": field, "reason": format!("expected a string, got {}", json_type(other)) }),
