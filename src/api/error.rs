@@ -138,6 +138,22 @@ impl From<ProxmoxError> for ApiError {
                     ),
                 }),
             },
+            // Show what the server presented, so the operator can compare it with the GUI and
+            // register again with it pinned; never trust it on our own.
+            ProxmoxError::CertificateNotTrusted { presented, detail } => Self::BadGateway {
+                details: json!({
+                    "reason": "certificate not trusted",
+                    "fingerprint": presented.to_string(),
+                    "error": detail,
+                }),
+            },
+            ProxmoxError::CertificateMismatch { presented, pinned } => Self::BadGateway {
+                details: json!({
+                    "reason": "certificate not trusted",
+                    "fingerprint": presented.to_string(),
+                    "error": format!("the certificate does not match the pinned fingerprint {pinned}"),
+                }),
+            },
             other => Self::BadGateway {
                 details: json!({ "reason": other.to_string() }),
             },
