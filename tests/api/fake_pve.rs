@@ -1,8 +1,9 @@
 //! A fake Proxmox VE 8.x API server (`pveproxy`) for integration tests.
 //!
-//! It serves plain HTTP on `127.0.0.1` and reproduces what `proxmoxer` relies on, including the
-//! awkward parts of the real server (sources: `pve-api-facts.md`, pve-http-server
-//! `AnyEvent.pm`, pve-manager `HTTPServer.pm`, pve-access-control):
+//! It serves plain HTTP ([`FakePve::start`]) or HTTPS ([`FakePve::start_tls`]) on `127.0.0.1` and
+//! reproduces what `proxmoxer` relies on, including the awkward parts of the real server (sources:
+//! `pve-api-facts.md`, pve-http-server `AnyEvent.pm`, pve-manager `HTTPServer.pm`,
+//! pve-access-control, pve-cluster `Setup.pm`):
 //!
 //! - auth failures are 401s with the cause in the reason phrase and an empty body, padded to
 //!   [`DEFAULT_AUTH_FAILURE_DELAY`] after the request started;
@@ -12,12 +13,16 @@
 //! - kept-alive connections are closed after [`DEFAULT_KEEP_ALIVE_IDLE`] without a request, and
 //!   after 100 requests;
 //! - `/cluster/status` and `/nodes` come back in a different order on every call, with 0/1
-//!   integers instead of booleans.
+//!   integers instead of booleans;
+//! - in HTTPS mode, a node certificate signed by a per-fake cluster CA (like `pve-ssl.pem` and
+//!   `pve-root-ca.pem`), reported as the answering node's `ssl_fingerprint`; renewal with
+//!   [`FakePve::rotate_certificate`] behaves like a pveproxy reload; plain HTTP sent to the HTTPS
+//!   port is redirected to `https://` (pve-http-server ≥ 4.2-1).
 //!
-//! Not reproduced: TLS (so no certificate or fingerprint on the wire), gzip bodies, the
-//! `/api2/extjs` and `/api2/html` formatters, forwarding to other nodes (fake 595/596 with
-//! [`FakePve::fail_all`]), completing a second factor (every `tfa-challenge` answer fails),
-//! authkey rotation (use [`FakePve::invalidate_tickets`]), and ACL paths other than `/`.
+//! Not reproduced: RSA keys (the certificates use ECDSA P-256, which is quicker to generate),
+//! gzip bodies, the `/api2/extjs` and `/api2/html` formatters, forwarding to other nodes (fake
+//! 595/596 with [`FakePve::fail_all`]), completing a second factor (every `tfa-challenge` answer
+//! fails), authkey rotation (use [`FakePve::invalidate_tickets`]), and ACL paths other than `/`.
 
 // Shared by every test module of the `api` binary; each test uses only some of the controls.
 #![allow(dead_code)]
@@ -30,7 +35,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -41,12 +46,23 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use axum::serve::{IncomingStream, Listener};
+use chrono::Datelike;
 use hyper::ext::ReasonPhrase;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// The user that [`FakePve::start`] creates, with `Sys.Audit` on `/`.
 pub const DEFAULT_USER: &str = "root@pam";
@@ -83,6 +99,11 @@ const LOGIN_PARAMS: &[&str] = &[
     "new-format",
     "tfa-challenge",
 ];
+/// The first byte of a TLS record that carries a handshake message, such as a ClientHello.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// pve-cluster `Setup.pm`: the cluster CA lasts 10 years, node certificates 2.
+const CA_VALIDITY_DAYS: i64 = 3650;
+const NODE_CERT_VALIDITY_DAYS: i64 = 730;
 
 /// A handle on a running fake Proxmox VE server. Clones share the same server; the server stops
 /// when the last clone is dropped.
@@ -114,6 +135,8 @@ struct Shared {
     down: AtomicBool,
     keep_alive_idle_ms: AtomicU64,
     state: Mutex<FakeState>,
+    /// Set in HTTPS mode.
+    tls: Option<TlsState>,
 }
 
 impl Shared {
@@ -145,17 +168,32 @@ impl FakePve {
     /// [`DEFAULT_PASSWORD`], cluster [`DEFAULT_CLUSTER`] with [`DEFAULT_NODES`] all online and
     /// quorate, version [`DEFAULT_VERSION`].
     pub async fn start() -> Self {
+        Self::launch(None).await
+    }
+
+    /// Like [`Self::start`], but serves HTTPS like a stock node on port 8006: a node certificate
+    /// for `127.0.0.1`, `::1`, `localhost` and the answering node's name, signed by a cluster CA
+    /// made for this fake (see [`Self::ca_pem`] and [`Self::certificate_fingerprint`]). No ALPN,
+    /// so clients speak HTTP/1.1. The TLS handshake runs in each connection's own task.
+    pub async fn start_tls() -> Self {
+        Self::launch(Some(TlsState::new(DEFAULT_NODES[0]))).await
+    }
+
+    async fn launch(tls: Option<TlsState>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake Proxmox VE listener");
         let addr = listener
             .local_addr()
             .expect("local address of the fake Proxmox VE listener");
+        let mut state = FakeState::new();
+        state.tls_fingerprint = tls.as_ref().map(TlsState::fingerprint);
         let shared = Arc::new(Shared {
             addr,
             down: AtomicBool::new(false),
             keep_alive_idle_ms: AtomicU64::new(duration_ms(DEFAULT_KEEP_ALIVE_IDLE)),
-            state: Mutex::new(FakeState::new()),
+            state: Mutex::new(state),
+            tls,
         });
         let app = Router::new()
             .fallback(handle)
@@ -176,14 +214,71 @@ impl FakePve {
         }
     }
 
-    /// `http://127.0.0.1:PORT`, the value to register as `api_endpoint`.
+    /// `http://127.0.0.1:PORT` (`https://` after [`Self::start_tls`]), the value to register as
+    /// `api_endpoint`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.shared.addr)
     }
 
     /// The socket address behind [`Self::url`], for raw TCP checks.
     pub fn addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    // --- TLS (only after `start_tls`; these panic on a plain HTTP fake) ---------------------
+
+    /// SHA-256 of the DER of the certificate served to new connections, the way Proxmox shows it:
+    /// 32 upper-case hex pairs joined by `:`. `/nodes` reports it as the answering node's
+    /// `ssl_fingerprint`.
+    pub fn certificate_fingerprint(&self) -> String {
+        self.tls().fingerprint()
+    }
+
+    /// The certificate served to new connections in PEM, what `/etc/pve/local/pve-ssl.pem` holds.
+    pub fn certificate_pem(&self) -> String {
+        self.tls().certificate_pem()
+    }
+
+    /// The cluster CA certificate in PEM, what `/etc/pve/pve-root-ca.pem` holds; trust it as a CA
+    /// file to verify the node certificate, also across [`Self::rotate_certificate`].
+    pub fn ca_pem(&self) -> String {
+        self.tls().ca.pem.clone()
+    }
+
+    /// Renews the node certificate like `pveupdate` does and reloads like pveproxy: a new key
+    /// signed by the same CA (for the answering node's current name), served to every new
+    /// handshake from now on. Connections made with the old certificate finish the request they
+    /// are serving and are then closed, so pooled clients reconnect and see the new one.
+    pub fn rotate_certificate(&self) {
+        let node = self.local_node_name();
+        let tls = self.tls();
+        let fingerprint = tls.serve(tls.ca.issue(&node));
+        self.shared.lock().tls_fingerprint = Some(fingerprint);
+    }
+
+    /// Serves a new self-signed certificate that the cluster CA did not sign, like a node whose
+    /// `pve-ssl.pem` someone regenerated by hand. Reloads like [`Self::rotate_certificate`].
+    pub fn replace_with_self_signed(&self) {
+        let node = self.local_node_name();
+        let tls = self.tls();
+        let fingerprint = tls.serve(NodeCert::self_signed(&node));
+        self.shared.lock().tls_fingerprint = Some(fingerprint);
+    }
+
+    fn tls(&self) -> &TlsState {
+        self.shared
+            .tls
+            .as_ref()
+            .expect("the fake Proxmox VE serves plain HTTP; start it with FakePve::start_tls")
+    }
+
+    fn local_node_name(&self) -> String {
+        self.shared.lock().topology.nodes()[0].name.clone()
     }
 
     // --- users, tokens, tickets -------------------------------------------------------------
@@ -334,15 +429,17 @@ impl FakePve {
         }
     }
 
-    /// `ssl_fingerprint` of a node as `/nodes` reports it (upper-case hex pairs with colons).
+    /// `ssl_fingerprint` of a node as `/nodes` reports it (upper-case hex pairs with colons). In
+    /// HTTPS mode the answering node reports [`Self::certificate_fingerprint`]; other nodes have
+    /// made-up ones.
     pub fn node_fingerprint(&self, name: &str) -> Option<String> {
         let state = self.shared.lock();
         state
             .topology
             .nodes()
             .iter()
-            .find(|node| node.name == name)
-            .map(|node| node.fingerprint.clone())
+            .position(|node| node.name == name)
+            .map(|index| state.reported_fingerprint(index).to_owned())
     }
 
     /// Sets the pve-manager version: `"8.4.1"`-style (release `8.4`) or `"7.4-3"`-style (release
@@ -573,6 +670,9 @@ struct FakeState {
     garbage: bool,
     clock_offset: Duration,
     stats: Stats,
+    /// In HTTPS mode, the fingerprint of the served certificate, which belongs to the answering
+    /// node.
+    tls_fingerprint: Option<String>,
 }
 
 impl FakeState {
@@ -613,6 +713,7 @@ impl FakeState {
             garbage: false,
             clock_offset: Duration::ZERO,
             stats: Stats::default(),
+            tls_fingerprint: None,
         };
         state.boot_time = state.now_secs() - 86_400;
         state
@@ -623,6 +724,14 @@ impl FakeState {
         now.duration_since(UNIX_EPOCH).map_or(0, |since| {
             i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
         })
+    }
+
+    /// `ssl_fingerprint` of the node at `index`; index 0 is the answering node.
+    fn reported_fingerprint(&self, index: usize) -> &str {
+        match &self.tls_fingerprint {
+            Some(fingerprint) if index == 0 => fingerprint,
+            _ => &self.topology.nodes()[index].fingerprint,
+        }
     }
 
     fn account_mut(&mut self, user: &str) -> &mut Account {
@@ -686,7 +795,14 @@ impl FakeState {
     }
 
     /// Decides the whole answer synchronously, so the lock is never held across an `.await`.
-    fn answer(&mut self, parts: &Parts, body: &Bytes, started: Instant) -> Answer {
+    /// `plain_on_tls`: the request came as plain HTTP to the HTTPS port.
+    fn answer(
+        &mut self,
+        parts: &Parts,
+        body: &Bytes,
+        started: Instant,
+        plain_on_tls: bool,
+    ) -> Answer {
         if let Some((status, reason)) = &self.fail_all {
             return Answer::now(reply(*status, Some(reason), None, Vec::new()));
         }
@@ -718,6 +834,9 @@ impl FakeState {
                 format!("Unknown transfer encoding '{encoding}'")
             };
             return Answer::now(empty(501, &reason));
+        }
+        if plain_on_tls {
+            return https_redirect(parts);
         }
         let path = percent_decode(parts.uri.path(), false);
         let Some(rest) = path.strip_prefix("/api2") else {
@@ -1114,7 +1233,8 @@ impl FakeState {
             .topology
             .nodes()
             .iter()
-            .map(|node| {
+            .enumerate()
+            .map(|(index, node)| {
                 let mut entry = json!({
                     "id": format!("node/{}", node.name),
                     "node": node.name,
@@ -1142,7 +1262,7 @@ impl FakeState {
                 if clustered && !node.online {
                     entry["status"] = json!("offline");
                 }
-                entry["ssl_fingerprint"] = json!(node.fingerprint);
+                entry["ssl_fingerprint"] = json!(self.reported_fingerprint(index));
                 entry
             })
             .collect();
@@ -1193,6 +1313,8 @@ struct Answer {
     response: Response,
     /// Auth failures must not leave before this instant.
     not_before: Option<Instant>,
+    /// Close the connection after this answer even though it says `Keep-Alive`.
+    disconnect: bool,
 }
 
 impl Answer {
@@ -1200,6 +1322,7 @@ impl Answer {
         Self {
             response,
             not_before: None,
+            disconnect: false,
         }
     }
 
@@ -1207,7 +1330,39 @@ impl Answer {
         Self {
             response,
             not_before: Some(not_before),
+            disconnect: false,
         }
+    }
+}
+
+/// pve-http-server `ensure_tls_connection`: plain HTTP on the HTTPS port gets `301` (GET) or `308`
+/// (other methods) to the same URI over https, with an empty body; then the server hangs up
+/// although the response says `Connection: Keep-Alive`.
+fn https_redirect(parts: &Parts) -> Answer {
+    let Some(host) = parts.headers.get(header::HOST).map(header_text) else {
+        // pveproxy dies on this and never answers; a 400 is close enough for a fake.
+        return Answer::now(empty(400, "Header field 'Host' not found in request"));
+    };
+    let host = host
+        .strip_prefix("https://")
+        .or_else(|| host.strip_prefix("http://"))
+        .unwrap_or(&host);
+    let uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let mut response = if parts.method == Method::GET {
+        empty(301, "Moved Permanently")
+    } else {
+        empty(308, "Permanent Redirect")
+    };
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{uri}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Answer {
+        response,
+        not_before: None,
+        disconnect: true,
     }
 }
 
@@ -1235,9 +1390,13 @@ async fn handle(
         tokio::time::sleep(latency).await;
     }
     let started = Instant::now();
-    let answer = shared.lock().answer(&parts, &body, started);
+    let plain_on_tls = conn.state.plain_on_tls.load(Ordering::SeqCst);
+    let answer = shared.lock().answer(&parts, &body, started, plain_on_tls);
     if let Some(not_before) = answer.not_before {
         tokio::time::sleep_until(not_before).await;
+    }
+    if answer.disconnect {
+        conn.state.retire();
     }
     finish(answer.response, close_after)
 }
@@ -1627,7 +1786,8 @@ fn duration_ms(duration: Duration) -> u64 {
 // --- connections --------------------------------------------------------------------------------
 
 /// Accepts like a `TcpListener`, except that while the fake is down it resets every new
-/// connection, and it wraps sockets in [`FakeIo`].
+/// connection, and it wraps sockets in [`FakeIo`]. It does no TLS work itself: a client that
+/// stalls its handshake holds up only its own connection task.
 struct FakeListener {
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -1647,11 +1807,18 @@ impl Listener for FakeListener {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    let transport = if self.shared.tls.is_some() {
+                        Transport::Sniffing(stream)
+                    } else {
+                        Transport::Plain(stream)
+                    };
                     let io = FakeIo {
-                        stream,
+                        transport,
                         shared: Arc::clone(&self.shared),
                         conn: Arc::new(ConnState::new()),
                         idle_timer: None,
+                        rotation: None,
+                        release: None,
                     };
                     return (io, peer);
                 }
@@ -1671,6 +1838,15 @@ struct ConnState {
     in_flight: AtomicUsize,
     requests: AtomicU64,
     last_activity: Mutex<Instant>,
+    /// Plain HTTP arrived on the HTTPS port.
+    plain_on_tls: AtomicBool,
+    /// Close as soon as no request is in flight.
+    retired: AtomicBool,
+    /// Bytes have arrived since the last request finished: a request may be on its way to the
+    /// handler, so the connection is not idle even with nothing in flight.
+    unanswered: AtomicBool,
+    /// Notified whenever a request finishes.
+    released: Arc<Notify>,
 }
 
 impl ConnState {
@@ -1679,6 +1855,10 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             last_activity: Mutex::new(Instant::now()),
+            plain_on_tls: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            unanswered: AtomicBool::new(false),
+            released: Arc::new(Notify::new()),
         }
     }
 
@@ -1704,6 +1884,15 @@ impl ConnState {
             nth_request,
         }
     }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// No request is being read or handled.
+    fn is_quiet(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && !self.unanswered.load(Ordering::SeqCst)
+    }
 }
 
 /// Marks a connection busy while a handler runs, so the idle timer does not cut it off.
@@ -1715,7 +1904,9 @@ struct Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.conn.touch();
+        self.conn.unanswered.store(false, Ordering::SeqCst);
         self.conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.conn.released.notify_waiters();
     }
 }
 
@@ -1732,22 +1923,248 @@ impl Connected<IncomingStream<'_, FakeListener>> for ConnInfo {
     }
 }
 
+/// What runs over the TCP stream of one connection.
+enum Transport {
+    /// Plain HTTP: the [`FakePve::start`] mode, or plain HTTP sent to the HTTPS port.
+    Plain(TcpStream),
+    /// HTTPS mode before the first byte: a TLS handshake record starts TLS, anything else is
+    /// plain HTTP (AnyEvent's `tls_autostart`).
+    Sniffing(TcpStream),
+    /// `generation` is that of the certificate being presented.
+    Handshaking {
+        accept: Box<tokio_rustls::Accept<TcpStream>>,
+        generation: u64,
+    },
+    Tls {
+        stream: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        generation: u64,
+    },
+    /// The handshake failed; the socket is gone.
+    Closed,
+}
+
+impl Transport {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Self::Plain(stream) | Self::Sniffing(stream) => Some(stream),
+            Self::Handshaking { accept, .. } => accept.get_ref(),
+            Self::Tls { stream, .. } => Some(stream.get_ref().0),
+            Self::Closed => None,
+        }
+    }
+
+    /// The certificate generation of an established TLS session.
+    fn tls_generation(&self) -> Option<u64> {
+        match self {
+            Self::Tls { generation, .. } => Some(*generation),
+            _ => None,
+        }
+    }
+
+    /// Drives the sniffing and the handshake until the stream can carry HTTP.
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        tls: Option<&TlsState>,
+        conn: &ConnState,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match self {
+                Self::Plain(_) | Self::Tls { .. } => return Poll::Ready(Ok(())),
+                Self::Closed => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+                Self::Sniffing(stream) => {
+                    let mut first = [0_u8; 1];
+                    let mut peeked = ReadBuf::new(&mut first);
+                    ready!(stream.poll_peek(cx, &mut peeked))?;
+                    let handshake = peeked.filled() == [TLS_HANDSHAKE_RECORD];
+                    let Self::Sniffing(stream) = std::mem::replace(self, Self::Closed) else {
+                        unreachable!("matched Sniffing above");
+                    };
+                    *self = match tls {
+                        Some(tls) if handshake => {
+                            let (generation, config) = tls.current();
+                            Self::Handshaking {
+                                accept: Box::new(TlsAcceptor::from(config).accept(stream)),
+                                generation,
+                            }
+                        }
+                        _ => {
+                            conn.plain_on_tls.store(true, Ordering::SeqCst);
+                            Self::Plain(stream)
+                        }
+                    };
+                }
+                Self::Handshaking { accept, generation } => {
+                    let generation = *generation;
+                    match ready!(Pin::new(&mut **accept).poll(cx)) {
+                        Ok(stream) => {
+                            *self = Self::Tls {
+                                stream: Box::new(stream),
+                                generation,
+                            };
+                        }
+                        Err(error) => {
+                            *self = Self::Closed;
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        tls: Option<&TlsState>,
+        conn: &ConnState,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_ready(cx, tls, conn))?;
+        match self {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls { stream, .. } => Pin::new(&mut **stream).poll_read(cx, buf),
+            _ => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        tls: Option<&TlsState>,
+        conn: &ConnState,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_ready(cx, tls, conn))?;
+        match self {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls { stream, .. } => Pin::new(&mut **stream).poll_write(cx, buf),
+            _ => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+        tls: Option<&TlsState>,
+        conn: &ConnState,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_ready(cx, tls, conn))?;
+        match self {
+            Self::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Tls { stream, .. } => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
+            _ => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(stream) => stream.is_write_vectored(),
+            Self::Tls { stream, .. } => stream.is_write_vectored(),
+            _ => false,
+        }
+    }
+
+    /// Nothing is buffered before the handshake completes.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls { stream, .. } => Pin::new(&mut **stream).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// Sends `close_notify` on an established TLS session, then shuts the TCP stream down.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Plain(stream) | Self::Sniffing(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Handshaking { accept, .. } => match accept.get_mut() {
+                Some(stream) => Pin::new(stream).poll_shutdown(cx),
+                None => Poll::Ready(Ok(())),
+            },
+            Self::Tls { stream, .. } => Pin::new(&mut **stream).poll_shutdown(cx),
+            Self::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 /// A socket that fails while the fake is down and reports end-of-file once the connection has
-/// been idle for the keep-alive timeout, which makes hyper close it the way pveproxy does.
+/// been idle for the keep-alive timeout, or has been retired (a redirect of plain HTTP on the
+/// HTTPS port, or a certificate change) and has no request in flight. That makes hyper close it
+/// the way pveproxy does.
 struct FakeIo {
-    stream: TcpStream,
+    transport: Transport,
     shared: Arc<Shared>,
     conn: Arc<ConnState>,
     idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Wakes an idle TLS connection when the certificate changes.
+    rotation: Option<Pin<Box<OwnedNotified>>>,
+    /// Wakes a retired connection when its last request finishes.
+    release: Option<Pin<Box<OwnedNotified>>>,
 }
 
 impl FakeIo {
     fn reset(&self) -> io::Error {
-        let _ = self.stream.set_zero_linger();
+        if let Some(stream) = self.transport.tcp() {
+            let _ = stream.set_zero_linger();
+        }
         io::Error::from(io::ErrorKind::ConnectionReset)
     }
 
+    /// Whether the connection should be closed now rather than kept alive: it is retired (or its
+    /// certificate is outdated) and no request is being read or handled. Registers for the
+    /// wakeups that can change the answer.
+    fn poll_retired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            // A handler may retire the connection, and hyper does not read again on its own after
+            // sending the response, so listen for the end of every request (before looking).
+            let conn = &self.conn;
+            self.release
+                .get_or_insert_with(|| Box::pin(Arc::clone(&conn.released).notified_owned()));
+            if self.conn.is_quiet()
+                && (self.conn.retired.load(Ordering::SeqCst) || self.poll_outdated(cx))
+            {
+                return true;
+            }
+            let pending = self
+                .release
+                .as_mut()
+                .is_some_and(|released| released.as_mut().poll(cx).is_pending());
+            if pending {
+                return false;
+            }
+            self.release = None;
+        }
+    }
+
+    /// Whether the TLS session uses a certificate that is no longer served. Registers for a wakeup
+    /// on the next certificate change while it is current.
+    fn poll_outdated(&mut self, cx: &mut Context<'_>) -> bool {
+        let (Some(tls), Some(generation)) =
+            (self.shared.tls.as_ref(), self.transport.tls_generation())
+        else {
+            return false;
+        };
+        loop {
+            // Listen before looking, so a change in between still wakes us.
+            let rotation = self
+                .rotation
+                .get_or_insert_with(|| Box::pin(Arc::clone(&tls.rotated).notified_owned()));
+            if tls.generation() != generation {
+                return true;
+            }
+            if rotation.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.rotation = None;
+        }
+    }
+
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.poll_retired(cx) {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             let now = Instant::now();
             let idle = self.shared.keep_alive_idle();
@@ -1783,10 +2200,14 @@ impl AsyncRead for FakeIo {
             return Poll::Ready(Err(this.reset()));
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+        match this
+            .transport
+            .poll_read(cx, buf, this.shared.tls.as_ref(), &this.conn)
+        {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.conn.touch();
+                    this.conn.unanswered.store(true, Ordering::SeqCst);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -1806,7 +2227,9 @@ impl AsyncWrite for FakeIo {
         if this.shared.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let result = this
+            .transport
+            .poll_write(cx, buf, this.shared.tls.as_ref(), &this.conn);
         if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
             this.conn.touch();
         }
@@ -1822,7 +2245,9 @@ impl AsyncWrite for FakeIo {
         if this.shared.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        let result =
+            this.transport
+                .poll_write_vectored(cx, bufs, this.shared.tls.as_ref(), &this.conn);
         if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
             this.conn.touch();
         }
@@ -1830,7 +2255,7 @@ impl AsyncWrite for FakeIo {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.transport.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1838,12 +2263,224 @@ impl AsyncWrite for FakeIo {
         if this.shared.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
-        Pin::new(&mut this.stream).poll_flush(cx)
+        this.transport.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        self.get_mut().transport.poll_shutdown(cx)
     }
+}
+
+// --- TLS ----------------------------------------------------------------------------------------
+
+/// The certificates of an HTTPS fake.
+struct TlsState {
+    ca: ClusterCa,
+    serving: Mutex<ServedCert>,
+    /// Mirrors `serving.generation`, for a lock-free check on every idle read.
+    generation: AtomicU64,
+    /// Notified after every certificate change.
+    rotated: Arc<Notify>,
+}
+
+/// What new handshakes present.
+struct ServedCert {
+    generation: u64,
+    config: Arc<ServerConfig>,
+    pem: String,
+    fingerprint: String,
+}
+
+impl TlsState {
+    fn new(node: &str) -> Self {
+        let ca = ClusterCa::new();
+        let cert = ca.issue(node);
+        let served = ServedCert::new(0, cert);
+        Self {
+            ca,
+            serving: Mutex::new(served),
+            generation: AtomicU64::new(0),
+            rotated: Arc::new(Notify::new()),
+        }
+    }
+
+    fn serving(&self) -> MutexGuard<'_, ServedCert> {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn current(&self) -> (u64, Arc<ServerConfig>) {
+        let serving = self.serving();
+        (serving.generation, Arc::clone(&serving.config))
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn fingerprint(&self) -> String {
+        self.serving().fingerprint.clone()
+    }
+
+    fn certificate_pem(&self) -> String {
+        self.serving().pem.clone()
+    }
+
+    /// Serves `cert` to new handshakes, like a pveproxy reload (a fresh `ServerConfig`, so no
+    /// session resumes across it), retires connections that use the old one, and returns the new
+    /// fingerprint.
+    fn serve(&self, cert: NodeCert) -> String {
+        let fingerprint = {
+            let mut serving = self.serving();
+            *serving = ServedCert::new(serving.generation + 1, cert);
+            self.generation.store(serving.generation, Ordering::SeqCst);
+            serving.fingerprint.clone()
+        };
+        self.rotated.notify_waiters();
+        fingerprint
+    }
+}
+
+impl ServedCert {
+    fn new(generation: u64, cert: NodeCert) -> Self {
+        let fingerprint = pve_fingerprint(&cert.der);
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        // Only the node certificate, as pveproxy sends `pve-ssl.pem`, which holds no chain.
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.2 and 1.3 with aws-lc-rs")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der], key)
+            .expect("the fake node certificate matches its key");
+        Self {
+            generation,
+            config: Arc::new(config),
+            pem: cert.pem,
+            fingerprint,
+        }
+    }
+}
+
+/// `/etc/pve/pve-root-ca.pem` and its key.
+struct ClusterCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl ClusterCa {
+    /// `CN=Proxmox Virtual Environment, OU=<uuid>, O=PVE Cluster Manager CA`, valid 10 years.
+    fn new() -> Self {
+        let key = KeyPair::generate().expect("generate the fake cluster CA key");
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Proxmox Virtual Environment");
+        name.push(
+            DnType::OrganizationalUnitName,
+            uuid::Uuid::new_v4().to_string(),
+        );
+        name.push(DnType::OrganizationName, "PVE Cluster Manager CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_VALIDITY_DAYS);
+        let cert = params
+            .self_signed(&key)
+            .expect("self-sign the fake cluster CA");
+        Self {
+            issuer: Issuer::new(params, key),
+            pem: cert.pem(),
+        }
+    }
+
+    /// A `pve-ssl.pem` for `node`, with a new key.
+    fn issue(&self, node: &str) -> NodeCert {
+        let key = KeyPair::generate().expect("generate a fake node key");
+        let mut params = node_cert_params(node);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign a fake node certificate");
+        NodeCert {
+            der: cert.der().clone(),
+            pem: cert.pem(),
+            key,
+        }
+    }
+}
+
+/// A node certificate and its key.
+struct NodeCert {
+    der: CertificateDer<'static>,
+    pem: String,
+    key: KeyPair,
+}
+
+impl NodeCert {
+    /// The same names, but issued by itself.
+    fn self_signed(node: &str) -> Self {
+        let key = KeyPair::generate().expect("generate a fake node key");
+        let cert = node_cert_params(node)
+            .self_signed(&key)
+            .expect("self-sign a fake node certificate");
+        Self {
+            der: cert.der().clone(),
+            pem: cert.pem(),
+            key,
+        }
+    }
+}
+
+/// pve-cluster `Setup.pm` `gen_pve_ssl_cert`: `OU=PVE Cluster Node, O=Proxmox Virtual
+/// Environment, CN=<fqdn>`, SAN with the loopback addresses, `localhost`, the node name and its
+/// FQDN, valid 2 years.
+fn node_cert_params(node: &str) -> CertificateParams {
+    let fqdn = format!("{node}.pve.invalid");
+    let names = vec![
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+        "localhost".to_owned(),
+        node.to_owned(),
+        fqdn.clone(),
+    ];
+    let mut params = CertificateParams::new(names).expect("valid fake node certificate names");
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationalUnitName, "PVE Cluster Node");
+    name.push(DnType::OrganizationName, "Proxmox Virtual Environment");
+    name.push(DnType::CommonName, fqdn);
+    params.distinguished_name = name;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::ContentCommitment,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    set_validity(&mut params, NODE_CERT_VALIDITY_DAYS);
+    params
+}
+
+/// Valid from yesterday (midnight UTC) for `days` days from today.
+fn set_validity(params: &mut CertificateParams, days: i64) {
+    let date = |offset: i64| {
+        let day = (chrono::Utc::now() + chrono::TimeDelta::days(offset)).date_naive();
+        let narrow = |value: u32| u8::try_from(value).expect("months and days fit in a u8");
+        rcgen::date_time_ymd(day.year(), narrow(day.month()), narrow(day.day()))
+    };
+    params.not_before = date(-1);
+    params.not_after = date(days);
+}
+
+/// Net::SSLeay `X509_get_fingerprint(cert, 'sha256')`: upper-case hex pairs joined by `:`.
+fn pve_fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|byte| format!("{byte:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

@@ -1,12 +1,21 @@
 //! Checks that the fake Proxmox VE behaves like pveproxy, so daemon tests can trust it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, HandshakeKind, SignatureScheme};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
 use crate::helpers::{TestApp, wait_until};
@@ -753,4 +762,514 @@ async fn daemon_smoke_starts_answers_health_and_stops_on_sigterm() {
         "exit status {status}; logs:\n{}",
         app.logs()
     );
+}
+
+// --- HTTPS mode ---------------------------------------------------------------------------------
+
+async fn tls_fake() -> FakePve {
+    let fake = FakePve::start_tls().await;
+    fake.set_auth_failure_delay(SHORT_DELAY);
+    fake
+}
+
+/// Trusts only the fake's cluster CA, as a daemon given `pve-root-ca.pem` as its CA file would.
+fn ca_client(fake: &FakePve) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(fake.ca_pem().as_bytes()).expect("CA PEM");
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .tls_certs_only([ca])
+        .build()
+        .expect("build CA client")
+}
+
+/// Accepts whatever certificate the server shows (signatures are still checked), so a test can
+/// look at it.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration that accepts any certificate; it keeps its own session cache.
+fn accept_any_config() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+async fn tls_connect_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    TlsConnector::from(config)
+        .connect(ServerName::from(addr.ip()), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// A fresh TLS connection (no session to resume) that accepts any certificate.
+async fn tls_connect(addr: SocketAddr) -> TlsStream<TcpStream> {
+    tls_connect_with(addr, accept_any_config()).await
+}
+
+/// SHA-256 of the end-entity certificate the server presented, computed here independently of
+/// the fake: upper-case hex pairs joined by `:`.
+fn presented_fingerprint(stream: &TlsStream<TcpStream>) -> String {
+    let chain = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("certificates");
+    let hex = hex::encode_upper(Sha256::digest(chain[0].as_ref()));
+    hex.as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+async fn fingerprint_on_the_wire(fake: &FakePve) -> String {
+    presented_fingerprint(&tls_connect(fake.addr()).await)
+}
+
+/// Like [`raw_exchange`], over TLS: sends one request and reads until the server closes.
+async fn tls_exchange(addr: SocketAddr, request: &str) -> String {
+    read_until_closed(tls_connect(addr).await, request).await
+}
+
+async fn read_until_closed(mut stream: TlsStream<TcpStream>, request: &str) -> String {
+    let exchange = async {
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut received = Vec::new();
+        let mut buf = [0; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(read) => received.extend_from_slice(&buf[..read]),
+                // A close without close_notify.
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(error) => panic!("read failed: {error}"),
+            }
+        }
+        String::from_utf8_lossy(&received).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the fake closed the TLS connection in time")
+}
+
+fn get_request(addr: SocketAddr, path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+}
+
+fn is_pve_fingerprint(fingerprint: &str) -> bool {
+    fingerprint.len() == 95
+        && fingerprint.split(':').count() == 32
+        && fingerprint.split(':').all(|pair| {
+            pair.len() == 2
+                && pair
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, 'A'..='F'))
+        })
+}
+
+#[tokio::test]
+async fn fake_pve_tls_is_refused_by_a_default_client_as_an_unknown_issuer() {
+    let fake = tls_fake().await;
+    assert_eq!(fake.url(), format!("https://{}", fake.addr()));
+    let error = client()
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect_err("a certificate from an unknown CA was accepted");
+    assert!(error.is_connect(), "{error:?}");
+    assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
+    assert_eq!(fake.total_requests(), 0);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_client_trusting_the_cluster_ca_logs_in_and_nodes_report_the_fingerprint() {
+    let fake = tls_fake().await;
+    assert!(fake.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        fake.certificate_pem()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let fingerprint = fake.certificate_fingerprint();
+    assert!(is_pve_fingerprint(&fingerprint), "{fingerprint}");
+
+    let client = ca_client(&fake);
+    let response = client
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect("GET over https");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(response.text().await.expect("body"), r#"{"data":null}"#);
+
+    let login = login(&client, &fake).await;
+    let nodes: Value = get_with_ticket(&client, &fake, "/nodes", &login.ticket)
+        .await
+        .json()
+        .await
+        .expect("nodes body");
+    let reported = |name: &str| {
+        nodes["data"]
+            .as_array()
+            .expect("node list")
+            .iter()
+            .find(|node| node["node"] == name)
+            .and_then(|node| node["ssl_fingerprint"].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(reported("pve1"), Some(fingerprint.clone()));
+    assert_eq!(fake.node_fingerprint("pve1"), Some(fingerprint.clone()));
+    let other = reported("pve2").expect("pve2 fingerprint");
+    assert!(is_pve_fingerprint(&other), "{other}");
+    assert_ne!(other, fingerprint);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_fingerprint_is_that_of_the_presented_certificate_and_changes_on_rotation() {
+    let fake = tls_fake().await;
+    let before = fake.certificate_fingerprint();
+    assert_eq!(fingerprint_on_the_wire(&fake).await, before);
+
+    let client = ca_client(&fake);
+    let first = client
+        .get(api(&fake, "/version"))
+        .header("Authorization", "PVEAPIToken=nobody")
+        .send()
+        .await
+        .expect("GET before rotation");
+    first.bytes().await.expect("body");
+
+    fake.rotate_certificate();
+    let after = fake.certificate_fingerprint();
+    assert_ne!(after, before);
+    assert!(is_pve_fingerprint(&after), "{after}");
+    assert_eq!(fingerprint_on_the_wire(&fake).await, after);
+    assert_eq!(fake.node_fingerprint("pve1"), Some(after));
+
+    // Same CA: a client that trusts the CA keeps working, over a new connection.
+    let response = client
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect("GET after rotation");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_sessions_resume_until_the_certificate_changes() {
+    let fake = tls_fake().await;
+    let addr = fake.addr();
+    let config = accept_any_config();
+    let request =
+        format!("GET {TICKET_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut handshakes = Vec::new();
+    for rotate in [false, false, true] {
+        if rotate {
+            fake.rotate_certificate();
+        }
+        let stream = tls_connect_with(addr, Arc::clone(&config)).await;
+        let kind = stream.get_ref().1.handshake_kind();
+        let fingerprint = presented_fingerprint(&stream);
+        // Reading the answer also takes in the session tickets.
+        let raw = read_until_closed(stream, &request).await;
+        assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+        handshakes.push((kind, fingerprint));
+    }
+    assert_eq!(handshakes[0].0, Some(HandshakeKind::Full));
+    assert_eq!(handshakes[1].0, Some(HandshakeKind::Resumed));
+    assert_eq!(handshakes[1].1, handshakes[0].1);
+    // A reload forgets the sessions: the client sees, and can check, the new certificate.
+    assert_eq!(handshakes[2].0, Some(HandshakeKind::Full));
+    assert_eq!(handshakes[2].1, fake.certificate_fingerprint());
+    assert_ne!(handshakes[2].1, handshakes[0].1);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_rotation_closes_idle_connections_that_use_the_old_certificate() {
+    let fake = tls_fake().await;
+    fake.set_keep_alive_idle(Duration::from_secs(60));
+    let addr = fake.addr();
+    let exchange = tokio::spawn(async move {
+        tls_exchange(addr, &get_request(addr, "/api2/json/access/ticket")).await
+    });
+    let path = TICKET_PATH.to_owned();
+    let probe = fake.clone();
+    assert!(wait_until(async || probe.requests(&path) == 1, Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!exchange.is_finished(), "closed before the rotation");
+
+    let started = Instant::now();
+    fake.rotate_certificate();
+    let raw = exchange.await.expect("exchange task");
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn fake_pve_tls_rotation_lets_a_request_in_flight_finish_then_closes() {
+    let fake = tls_fake().await;
+    fake.set_keep_alive_idle(Duration::from_secs(60));
+    fake.set_latency(Duration::from_millis(400));
+    let addr = fake.addr();
+    let exchange = tokio::spawn(async move {
+        tls_exchange(addr, &get_request(addr, "/api2/json/access/ticket")).await
+    });
+    let path = TICKET_PATH.to_owned();
+    let probe = fake.clone();
+    assert!(wait_until(async || probe.requests(&path) == 1, Duration::from_secs(5)).await);
+
+    let started = Instant::now();
+    fake.rotate_certificate();
+    let raw = exchange.await.expect("exchange task");
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+    assert_eq!(body_of(&raw), r#"{"data":null}"#);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn fake_pve_tls_rotation_does_not_cut_a_request_being_received() {
+    let fake = tls_fake().await;
+    fake.set_keep_alive_idle(Duration::from_secs(60));
+    let addr = fake.addr();
+    let mut stream = tls_connect(addr).await;
+    let request = get_request(addr, TICKET_PATH);
+    let (head, last) = request.split_at(request.len() - 2);
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    fake.rotate_certificate();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let raw = read_until_closed(stream, last).await;
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+    assert_eq!(body_of(&raw), r#"{"data":null}"#);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_self_signed_replacement_is_not_trusted_through_the_ca() {
+    let fake = tls_fake().await;
+    let before = fake.certificate_fingerprint();
+    fake.replace_with_self_signed();
+    let after = fake.certificate_fingerprint();
+    assert_ne!(after, before);
+    assert_eq!(fingerprint_on_the_wire(&fake).await, after);
+    assert_eq!(fake.node_fingerprint("pve1"), Some(after));
+
+    let error = ca_client(&fake)
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect_err("a self-signed certificate chained to the CA");
+    assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
+
+    // Back to a CA-signed certificate.
+    fake.rotate_certificate();
+    let response = ca_client(&fake)
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect("GET after re-issuing from the CA");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_plain_http_on_the_https_port_is_redirected_then_closed() {
+    let fake = tls_fake().await;
+    let addr = fake.addr();
+    let raw = raw_exchange(addr, &get_request(addr, "/api2/json/version?x=1")).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 301 Moved Permanently\r\n"),
+        "{raw:?}"
+    );
+    assert_eq!(
+        header_line(&raw, "location"),
+        Some(format!("location: https://{addr}/api2/json/version?x=1").as_str())
+    );
+    assert!(header_line(&raw, "connection").is_some_and(|line| line.ends_with("Keep-Alive")));
+    assert_eq!(body_of(&raw), "");
+
+    let raw = raw_exchange(
+        addr,
+        &format!(
+            "POST /api2/json/access/ticket HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"),
+        "{raw:?}"
+    );
+
+    let response = client()
+        .get(format!("http://{addr}/api2/json/access/ticket"))
+        .send()
+        .await
+        .expect("plain GET");
+    assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        response.headers()["location"],
+        format!("https://{addr}/api2/json/access/ticket").as_str()
+    );
+    assert_eq!(fake.logins(), 0);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_down_refuses_new_and_pooled_connections() {
+    let fake = tls_fake().await;
+    let client = ca_client(&fake);
+    let up = client
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect("GET while up");
+    up.bytes().await.expect("body");
+
+    fake.set_down(true);
+    let pooled = client.get(api(&fake, "/access/ticket")).send().await;
+    assert!(
+        pooled.is_err(),
+        "pooled connection still answered: {pooled:?}"
+    );
+    let fresh = ca_client(&fake)
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await;
+    assert!(fresh.is_err(), "new connection still answered: {fresh:?}");
+
+    fake.set_down(false);
+    let back = client
+        .get(api(&fake, "/access/ticket"))
+        .send()
+        .await
+        .expect("GET after coming back");
+    assert_eq!(back.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fake_pve_tls_closes_idle_keep_alive_connections() {
+    let fake = tls_fake().await;
+    let idle = Duration::from_millis(300);
+    fake.set_keep_alive_idle(idle);
+    let started = Instant::now();
+    let raw = tls_exchange(
+        fake.addr(),
+        &get_request(fake.addr(), "/api2/json/access/ticket"),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw:?}");
+    assert!(header_line(&raw, "connection").is_some_and(|line| line.ends_with("Keep-Alive")));
+    assert!(
+        started.elapsed() >= idle,
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn fake_pve_tls_stalled_handshakes_do_not_block_other_clients() {
+    let fake = tls_fake().await;
+    fake.set_keep_alive_idle(Duration::from_millis(500));
+    let silent = TcpStream::connect(fake.addr()).await.expect("connect");
+    let half_hello = TcpStream::connect(fake.addr()).await.expect("connect");
+    half_hello.writable().await.expect("writable");
+    half_hello
+        .try_write(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .expect("write part of a ClientHello");
+
+    let response = tokio::time::timeout(
+        Duration::from_secs(2),
+        ca_client(&fake).get(api(&fake, "/access/ticket")).send(),
+    )
+    .await
+    .expect("answered while two handshakes stall")
+    .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The stalled connections are dropped once idle, like any other.
+    for stream in [silent, half_hello] {
+        tokio::time::timeout(Duration::from_secs(5), closed_by_peer(&stream))
+            .await
+            .expect("stalled connection closed");
+    }
+}
+
+/// Waits for end-of-file or a reset, skipping anything the server sends first.
+async fn closed_by_peer(stream: &TcpStream) {
+    let mut buf = [0; 256];
+    loop {
+        stream.readable().await.expect("readable");
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }

@@ -3,4 +3,7 @@
 mod fake_pve;
 mod fake_pve_selftest;
 mod helpers;
+mod monitoring;
+mod persistence;
 mod registration;
+mod tokens;
