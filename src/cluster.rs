@@ -1,10 +1,11 @@
 //! A registered cluster as the registry holds it, and the rules that turn Proxmox's answers
 //! into a status.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::{AuthMethod, ClusterId, ClusterStatus, Credentials, StatusReason};
 use crate::proxmox::{ClusterHealth, ProxmoxError};
@@ -43,37 +44,91 @@ pub struct CheckEffect {
     pub status_change: Option<(ClusterStatus, ClusterStatus)>,
 }
 
+/// How many status transitions are kept per cluster.
+pub const HISTORY_CAPACITY: usize = 200;
+
+/// One status change, as `GET /api/v1/clusters/{id}/history` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Transition {
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: DateTime<Utc>,
+    pub from: ClusterStatus,
+    pub to: ClusterStatus,
+    pub reason: StatusReason,
+    /// Why the check failed, when it did.
+    pub error: Option<String>,
+}
+
 /// A registered cluster: its persisted record plus what only lives while the daemon runs.
 #[derive(Debug)]
 pub struct Cluster {
     pub record: ClusterRecord,
     pub credentials: Credentials,
+    /// Newest last, at most [`HISTORY_CAPACITY`].
+    history: VecDeque<Transition>,
     consecutive_failures: u32,
     /// When the newest check completed, in this process; `None` until one has.
     last_check: Option<Instant>,
+    /// When Proxmox last answered a check, in this process.
+    last_success: Option<Instant>,
 }
 
 impl Cluster {
     /// A cluster just registered: the registration probe was its first check.
     pub fn registered(record: ClusterRecord, credentials: Credentials) -> Self {
+        let first = Transition {
+            at: record.created_at,
+            from: ClusterStatus::Unknown,
+            to: record.status,
+            reason: record.status_reason,
+            error: None,
+        };
         Self {
             record,
             credentials,
+            history: VecDeque::from([first]),
             consecutive_failures: 0,
             last_check: Some(Instant::now()),
+            last_success: Some(Instant::now()),
         }
     }
 
     /// A cluster loaded at start: nothing is known of it until its monitor reports.
-    pub fn loaded(mut record: ClusterRecord, credentials: Credentials) -> Self {
+    pub fn loaded(
+        mut record: ClusterRecord,
+        credentials: Credentials,
+        history: Vec<Transition>,
+    ) -> Self {
         record.status = ClusterStatus::Unknown;
         record.status_reason = StatusReason::NotChecked;
+        let mut history = VecDeque::from(history);
+        while history.len() > HISTORY_CAPACITY {
+            history.pop_front();
+        }
         Self {
             record,
             credentials,
+            history,
             consecutive_failures: 0,
             last_check: None,
+            last_success: None,
         }
+    }
+
+    /// Status transitions, newest first.
+    pub fn history_newest_first(&self) -> Vec<Transition> {
+        self.history.iter().rev().cloned().collect()
+    }
+
+    /// Status transitions, oldest first, as they are stored.
+    pub fn history(&self) -> Vec<Transition> {
+        self.history.iter().cloned().collect()
+    }
+
+    /// Seconds since Proxmox last answered a check, if it has since the daemon started.
+    pub fn seconds_since_success(&self) -> Option<f64> {
+        self.last_success.map(|at| at.elapsed().as_secs_f64())
     }
 
     pub fn id(&self) -> ClusterId {
@@ -100,6 +155,7 @@ impl Cluster {
         match outcome {
             CheckOutcome::Answered { health, version } => {
                 self.consecutive_failures = 0;
+                self.last_success = Some(Instant::now());
                 let (status, reason) = assess(&health);
                 self.record.status = status;
                 self.record.status_reason = reason;
@@ -134,6 +190,18 @@ impl Cluster {
         let shown_changed = before != after;
         if shown_changed {
             self.record.updated_at = now;
+        }
+        if before.0 != after.0 {
+            if self.history.len() == HISTORY_CAPACITY {
+                self.history.pop_front();
+            }
+            self.history.push_back(Transition {
+                at: now,
+                from: before.0,
+                to: after.0,
+                reason: self.record.status_reason,
+                error: self.record.last_error.clone(),
+            });
         }
         CheckEffect {
             changed: shown_changed
@@ -171,8 +239,10 @@ impl Cluster {
 }
 
 /// The Cluster object of the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Cluster)]
 pub struct ClusterView {
+    #[schema(value_type = String, format = Uuid)]
     pub id: ClusterId,
     pub name: String,
     pub api_endpoint: String,
@@ -180,17 +250,21 @@ pub struct ClusterView {
     pub proxmox_version: String,
     pub node_count: u32,
     #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_checked_at: Option<DateTime<Utc>>,
     pub status_reason: StatusReason,
     pub last_error: Option<String>,
     pub nodes_online: u32,
     pub quorate: Option<bool>,
     pub auth_method: AuthMethod,
-    /// The pinned certificate fingerprint, if any.
+    /// The pinned certificate fingerprint, if any: uppercase hex pairs joined by colons.
+    #[schema(value_type = Option<String>)]
     pub fingerprint: Option<Fingerprint>,
 }
 
@@ -293,6 +367,35 @@ mod tests {
         );
         assert_eq!(cluster.record.status, ClusterStatus::Healthy);
         assert_eq!(cluster.record.last_error, None);
+        let history = cluster.history_newest_first();
+        let steps: Vec<_> = history.iter().map(|t| (t.from, t.to)).collect();
+        assert_eq!(
+            steps,
+            vec![
+                (ClusterStatus::Unhealthy, ClusterStatus::Healthy),
+                (ClusterStatus::Healthy, ClusterStatus::Unhealthy),
+                (ClusterStatus::Unknown, ClusterStatus::Healthy),
+            ]
+        );
+        assert_eq!(history[1].reason, StatusReason::Unreachable);
+        assert_eq!(history[1].error.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn history_is_capped() {
+        let mut cluster = sample();
+        for n in 0..(HISTORY_CAPACITY + 20) {
+            let quorate = n % 2 == 0;
+            cluster.apply_check(
+                CheckOutcome::Answered {
+                    health: health(Some(quorate), 3, 3),
+                    version: None,
+                },
+                3,
+                Utc::now(),
+            );
+        }
+        assert_eq!(cluster.history().len(), HISTORY_CAPACITY);
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub struct Config {
     pub failure_threshold: u32,
     pub proxmox_timeout: Duration,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_insecure_skip_verify: bool,
 }
@@ -135,16 +136,29 @@ impl Default for ProxmoxSection {
     }
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (without timestamps under journald, which adds its own).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct LogSection {
     level: String,
+    format: LogFormat,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         Self {
             level: DEFAULT_LOG_LEVEL.to_owned(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -215,6 +229,18 @@ impl Config {
         if let Some(v) = env("PROXMOXER_LOG") {
             raw.log.level = v;
         }
+        if let Some(v) = env("PROXMOXER_LOG_FORMAT") {
+            raw.log.format = match v.trim().to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(invalid(
+                        "PROXMOXER_LOG_FORMAT",
+                        format!("{v:?} is not text or json"),
+                    ));
+                }
+            };
+        }
 
         let listen = raw.server.listen.parse::<SocketAddr>().map_err(|_| {
             invalid(
@@ -253,6 +279,7 @@ impl Config {
             failure_threshold: raw.monitor.failure_threshold,
             proxmox_timeout: raw.proxmox.timeout,
             log_level: raw.log.level,
+            log_format: raw.log.format,
             tls_ca_file: raw.tls.ca_file.filter(|p| !p.as_os_str().is_empty()),
             tls_insecure_skip_verify: raw.tls.insecure_skip_verify,
         })

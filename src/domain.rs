@@ -254,7 +254,7 @@ impl TokenId {
 }
 
 /// Which kind of secret a cluster authenticates with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMethod {
     #[default]
@@ -309,7 +309,7 @@ impl Credentials {
 }
 
 /// The health the API reports for a cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ClusterStatus {
     Healthy,
@@ -330,7 +330,7 @@ impl fmt::Display for ClusterStatus {
 }
 
 /// A stable, machine-readable code for why a cluster has its status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusReason {
     Ok,

@@ -7,11 +7,14 @@
 //! - [`registry`]: the registry actor, sole owner of cluster state and sole store writer;
 //!   it spawns and supervises the monitors.
 //! - [`monitor`]: one actor per cluster that checks Proxmox on a period.
-//! - [`cluster`]: a registered cluster and the status rules.
+//! - [`cluster`]: a registered cluster, the status rules and its status history.
+//! - [`events`]: the change feed behind `GET /api/v1/events`.
+//! - [`metrics`]: Prometheus exposition.
 //! - [`proxmox`]: the typed Proxmox VE API client.
 //! - [`store`]: the redb cluster table.
 //! - [`secrets`]: the AEAD envelope and key file for stored credentials.
 //! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
+//! - [`systemd`]: readiness, status line and watchdog.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -19,11 +22,14 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod domain;
+pub mod events;
+pub mod metrics;
 pub mod monitor;
 pub mod proxmox;
 pub mod registry;
 pub mod secrets;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 
 use std::future::{Future, IntoFuture};
@@ -132,19 +138,27 @@ pub async fn run(
     let addr = listener.local_addr().map_err(StartupError::Serve)?;
     tracing::info!("listening on http://{addr}");
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(api::AppState {
         registry: registry.clone(),
         registration_timeout: config.proxmox_timeout * 3 + std::time::Duration::from_secs(5),
+        shutdown: stop_rx.clone(),
+        metrics: metrics::Metrics::install(),
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    match ractor::call_t!(registry, registry::RegistryMsg::Snapshot, 5_000) {
+        Ok(snapshot) => systemd::ready(&snapshot),
+        Err(e) => return Err(StartupError::Registry(e.to_string())),
+    }
+    systemd::spawn_supervision(registry.clone(), stop_rx.clone());
     let mut graceful_rx = stop_rx.clone();
     let serve = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = graceful_rx.wait_for(|stop| *stop).await;
+            systemd::stopping();
             tracing::info!("shutting down: finishing in-flight requests");
         })
         .into_future();
@@ -177,13 +191,15 @@ fn open_state(
 ) -> Result<(Store, Vault, Vec<Cluster>), StartupError> {
     let store = Store::open(database)?;
     let vault = unlock_vault(&store, key_file)?;
+    let mut histories = store.load_histories()?;
     let clusters = store
         .load_all()?
         .into_iter()
         .map(|record| {
             let secret = vault.open(&record.credential, record.id.as_bytes())?;
             let credentials = record.credentials(secret)?;
-            Ok(Cluster::loaded(record, credentials))
+            let history = histories.remove(&record.id).unwrap_or_default();
+            Ok(Cluster::loaded(record, credentials, history))
         })
         .collect::<Result<Vec<_>, StartupError>>()?;
     Ok((store, vault, clusters))

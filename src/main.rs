@@ -1,55 +1,147 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use proxmoxer::config::Config;
+use proxmoxer::config::{Config, LogFormat};
 
 /// Keeps a registry of Proxmox VE clusters and monitors their health over a REST API.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     /// A TOML configuration file (see config/proxmoxer.toml).
-    #[arg(long, env = "PROXMOXER_CONFIG")]
+    #[arg(long, global = true, env = "PROXMOXER_CONFIG")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Validate the configuration and exit; non-zero with the offending key if it is invalid.
+    CheckConfig,
+    /// Print the SHA-256 fingerprint of the certificate a Proxmox node presents, in the form
+    /// registration accepts. Compare it with the node's before pinning it.
+    Fingerprint {
+        /// The node's API URL, e.g. https://pve1.example.com:8006
+        url: String,
+    },
+    /// Create a new credential key file (mode 0600), e.g. for systemd's LoadCredential=.
+    GenerateKey {
+        /// Where to write it; an existing file is never overwritten.
+        path: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config),
+        Command::CheckConfig => check_config(cli.config),
+        Command::Fingerprint { url } => fingerprint(&url),
+        Command::GenerateKey { path } => match proxmoxer::secrets::Vault::create(&path) {
+            Ok(_) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("proxmoxer: {message}");
+    ExitCode::FAILURE
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(path.as_deref()).map_err(|e| {
+        eprintln!("proxmoxer: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&format!("cannot start the async runtime: {e}")))
+}
+
+fn run(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config_path) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("proxmoxer: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = init_tracing(&config.log_level) {
+    if let Err(e) = init_tracing(&config.log_level, config.log_format) {
         eprintln!("proxmoxer: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("proxmoxer: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(proxmoxer::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("proxmoxer: {e}");
-            ExitCode::FAILURE
+            fail(&e.to_string())
         }
     }
 }
 
-fn init_tracing(level: &str) -> Result<(), String> {
+fn check_config(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(e) = EnvFilter::try_new(&config.log_level) {
+        eprintln!("proxmoxer: invalid value for log.level: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = proxmoxer::tls::TrustAnchors::load(config.tls_ca_file.as_deref(), false) {
+        eprintln!("proxmoxer: {e}");
+        return ExitCode::from(2);
+    }
+    println!("configuration is valid");
+    println!("  listen            {}", config.listen);
+    println!("  database          {}", config.database.display());
+    println!("  key file          {}", config.key_file.display());
+    println!(
+        "  monitor           every {}, unhealthy after {} failed checks",
+        humantime::format_duration(config.monitor_interval),
+        config.failure_threshold
+    );
+    println!(
+        "  proxmox timeout   {}",
+        humantime::format_duration(config.proxmox_timeout)
+    );
+    ExitCode::SUCCESS
+}
+
+fn fingerprint(url: &str) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(proxmoxer::tls::presented_fingerprint(
+        url,
+        Duration::from_secs(10),
+    )) {
+        Ok(fingerprint) => {
+            println!("{fingerprint}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(filter) if !filter.is_empty() => {
             EnvFilter::try_new(&filter).map_err(|e| format!("invalid value for RUST_LOG: {e}"))?
@@ -61,10 +153,11 @@ fn init_tracing(level: &str) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     // journald stamps each line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, under_journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
     }
     Ok(())
 }

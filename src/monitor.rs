@@ -123,7 +123,10 @@ impl Actor for MonitorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MonitorMsg::Check => {
+                let started = Instant::now();
                 let outcome = state.check().await;
+                metrics::histogram!("proxmoxer_check_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 // The registry gone means the daemon is stopping; nothing to report to.
                 let _ = state.registry.cast(RegistryMsg::CheckCompleted {
                     cluster: state.cluster_id,

@@ -223,6 +223,21 @@ impl ProxmoxClient {
     }
 
     async fn request_ticket(&self, username: &str, password: &str) -> Result<Ticket, ProxmoxError> {
+        let result = self.request_ticket_once(username, password).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(ProxmoxError::AuthenticationFailed | ProxmoxError::TwoFactorRequired) => "rejected",
+            Err(_) => "error",
+        };
+        metrics::counter!("proxmoxer_proxmox_logins_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn request_ticket_once(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<Ticket, ProxmoxError> {
         let request = self
             .http
             .post(self.endpoint.api_url("/access/ticket"))

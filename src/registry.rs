@@ -12,8 +12,9 @@ use chrono::Utc;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::task::JoinHandle;
 
-use crate::cluster::{CheckOutcome, Cluster, ClusterView};
+use crate::cluster::{CheckOutcome, Cluster, ClusterView, Transition};
 use crate::domain::{ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, StatusReason};
+use crate::events::{EventHub, EventKind, Subscription};
 use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg, MonitorSettings};
 use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
 use crate::secrets::{SecretsError, Vault};
@@ -76,6 +77,12 @@ pub enum RegistryMsg {
     Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
     /// Answers with the number of clusters: proof the registry is alive.
     Ping(RpcReplyPort<usize>),
+    /// A cluster's status transitions, newest first; `None` for an unknown cluster.
+    History(ClusterId, RpcReplyPort<Option<Vec<Transition>>>),
+    /// Subscribes to change events, replaying those after the given event id.
+    Subscribe(Option<u64>, RpcReplyPort<Subscription>),
+    /// Figures for `/metrics` and systemd's status line.
+    Snapshot(RpcReplyPort<Vec<ClusterSnapshot>>),
     CheckCompleted {
         cluster: ClusterId,
         generation: u64,
@@ -89,6 +96,13 @@ pub enum RegistryMsg {
 }
 
 pub struct RegistryActor;
+
+/// One cluster's figures at one moment.
+#[derive(Debug, Clone)]
+pub struct ClusterSnapshot {
+    pub view: ClusterView,
+    pub seconds_since_success: Option<f64>,
+}
 
 pub struct RegistryArgs {
     pub store: Store,
@@ -128,6 +142,7 @@ pub struct RegistryState {
     restarts: HashMap<ClusterId, RestartBackoff>,
     next_generation: u64,
     dirty: HashSet<ClusterId>,
+    events: EventHub,
 }
 
 impl RegistryState {
@@ -163,6 +178,7 @@ impl Actor for RegistryActor {
             restarts: HashMap::new(),
             next_generation: 0,
             dirty: HashSet::new(),
+            events: EventHub::new(),
         })
     }
 
@@ -220,6 +236,24 @@ impl Actor for RegistryActor {
             RegistryMsg::Ping(reply) => {
                 let _ = reply.send(state.clusters.len());
             }
+            RegistryMsg::History(id, reply) => {
+                let _ = reply.send(state.clusters.get(&id).map(Cluster::history_newest_first));
+            }
+            RegistryMsg::Subscribe(last_event_id, reply) => {
+                let _ = reply.send(state.events.subscribe(last_event_id));
+            }
+            RegistryMsg::Snapshot(reply) => {
+                let stale_after = state.stale_after();
+                let snapshot = state
+                    .clusters
+                    .values()
+                    .map(|c| ClusterSnapshot {
+                        view: c.view(stale_after),
+                        seconds_since_success: c.seconds_since_success(),
+                    })
+                    .collect();
+                let _ = reply.send(snapshot);
+            }
             RegistryMsg::CheckCompleted {
                 cluster,
                 generation,
@@ -276,6 +310,7 @@ impl Actor for RegistryActor {
             },
         };
         state.restarts.insert(id, backoff);
+        metrics::counter!("proxmoxer_monitor_restarts_total").increment(1);
         let name = state
             .clusters
             .get(&id)
@@ -406,15 +441,16 @@ async fn commit_registration(
         created_at: now,
         updated_at: now,
     };
+    let cluster = Cluster::registered(record, request.credentials);
     let store = state.store.clone();
-    let to_write = record.clone();
-    tokio::task::spawn_blocking(move || store.put(std::slice::from_ref(&to_write)))
+    let to_write = [(cluster.record.clone(), cluster.history())];
+    tokio::task::spawn_blocking(move || store.put(&to_write))
         .await
         .map_err(|e| RegistryError::Task(e.to_string()))??;
-    let cluster = Cluster::registered(record, request.credentials);
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
     state.clusters.insert(id, cluster);
+    publish(state, EventKind::Registered, &view);
     spawn_monitor(myself, state, id, Some(report.session)).await;
     Ok(view)
 }
@@ -437,6 +473,9 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     if let Some(cluster) = state.clusters.remove(&id) {
         tracing::info!(cluster = %cluster.record.name, cluster_id = %id, "cluster deregistered");
     }
+    state
+        .events
+        .publish(EventKind::Deregistered, serde_json::json!({ "id": id }));
     Ok(())
 }
 
@@ -451,15 +490,33 @@ fn on_check_completed(
         return;
     }
     let threshold = state.settings.failure_threshold;
+    let stale_after = state.stale_after();
     let Some(cluster) = state.clusters.get_mut(&id) else {
         return;
     };
+    let failure = match &outcome {
+        CheckOutcome::Failed(error) => Some(error.status_reason()),
+        CheckOutcome::Answered { .. } => None,
+    };
     let effect = cluster.apply_check(outcome, threshold, Utc::now());
+    if let Some(reason) = failure {
+        metrics::counter!("proxmoxer_check_failures_total", "reason" => reason.to_string())
+            .increment(1);
+    }
     if let Some((old, new)) = effect.status_change {
         log_status_change(cluster, old, new);
     }
     if effect.changed {
+        let view = cluster.view(stale_after);
         state.dirty.insert(id);
+        publish(state, EventKind::Updated, &view);
+    }
+}
+
+fn publish(state: &mut RegistryState, kind: EventKind, view: &ClusterView) {
+    match serde_json::to_value(view) {
+        Ok(data) => state.events.publish(kind, data),
+        Err(e) => tracing::error!(error = %e, "cannot encode a cluster event"),
     }
 }
 
@@ -481,10 +538,11 @@ async fn flush(state: &mut RegistryState) {
     if state.dirty.is_empty() {
         return;
     }
-    let records: Vec<ClusterRecord> = state
+    let records: Vec<(ClusterRecord, Vec<Transition>)> = state
         .dirty
         .iter()
-        .filter_map(|id| state.clusters.get(id).map(|c| c.record.clone()))
+        .filter_map(|id| state.clusters.get(id))
+        .map(|c| (c.record.clone(), c.history()))
         .collect();
     let store = state.store.clone();
     match tokio::task::spawn_blocking(move || store.put(&records)).await {
@@ -600,7 +658,7 @@ mod tests {
             RegistryArgs {
                 store,
                 vault: Arc::new(vault),
-                clusters: vec![Cluster::loaded(record, credentials)],
+                clusters: vec![Cluster::loaded(record, credentials, Vec::new())],
                 settings: RegistrySettings {
                     monitor: MonitorSettings {
                         interval: Duration::from_millis(50),

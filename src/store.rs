@@ -3,6 +3,7 @@
 //! redb is synchronous (`commit` fsyncs), so callers run these methods on a blocking thread.
 //! Records are versioned JSON: a schema change is a new `format`, not a redb type mismatch.
 
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::Transition;
 use crate::domain::{
     AuthMethod, ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, ProxmoxUser, Secret,
     StatusReason, TokenId,
@@ -24,6 +26,8 @@ use crate::tls::Fingerprint;
 
 const CLUSTERS: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("clusters_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+/// Per cluster, its recent status transitions as one JSON array, oldest first.
+const HISTORY: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("history_v1");
 /// A value sealed under the key, so a wrong key is caught at start, before any cluster is read.
 const KEY_CHECK: &str = "key_check";
 const RECORD_FORMAT: u32 = 1;
@@ -149,6 +153,7 @@ impl Store {
         let tx = db.begin_write()?;
         tx.open_table(CLUSTERS)?;
         tx.open_table(META)?;
+        tx.open_table(HISTORY)?;
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -177,26 +182,51 @@ impl Store {
         Ok(records)
     }
 
-    /// Writes records in one durable transaction: when this returns, they survive a crash.
-    pub fn put(&self, records: &[ClusterRecord]) -> Result<(), StoreError> {
+    /// Every stored status history.
+    pub fn load_histories(&self) -> Result<HashMap<ClusterId, Vec<Transition>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(HISTORY)?;
+        let mut histories = HashMap::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let id = key.value();
+            let history: Vec<Transition> =
+                serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
+                    id: format!("history of {id}"),
+                    message: e.to_string(),
+                })?;
+            histories.insert(id, history);
+        }
+        Ok(histories)
+    }
+
+    /// Writes records and their histories in one durable transaction: when this returns,
+    /// they survive a crash.
+    pub fn put(&self, clusters: &[(ClusterRecord, Vec<Transition>)]) -> Result<(), StoreError> {
+        let encode = |what: &str, e: serde_json::Error| {
+            StoreError::Database(format!("cannot encode {what}: {e}"))
+        };
         let tx = self.db.begin_write()?;
         {
-            let mut table = tx.open_table(CLUSTERS)?;
-            for record in records {
-                let bytes = serde_json::to_vec(record)
-                    .map_err(|e| StoreError::Database(format!("cannot encode record: {e}")))?;
-                table.insert(record.id, bytes.as_slice())?;
+            let mut records = tx.open_table(CLUSTERS)?;
+            let mut histories = tx.open_table(HISTORY)?;
+            for (record, history) in clusters {
+                let bytes = serde_json::to_vec(record).map_err(|e| encode("record", e))?;
+                records.insert(record.id, bytes.as_slice())?;
+                let bytes = serde_json::to_vec(history).map_err(|e| encode("history", e))?;
+                histories.insert(record.id, bytes.as_slice())?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Deletes a cluster durably. Returns whether it existed.
+    /// Deletes a cluster and its history durably. Returns whether it existed.
     pub fn delete(&self, id: ClusterId) -> Result<bool, StoreError> {
         let tx = self.db.begin_write()?;
         let existed = {
             let mut table = tx.open_table(CLUSTERS)?;
+            tx.open_table(HISTORY)?.remove(id)?;
             table.remove(id)?.is_some()
         };
         tx.commit()?;

@@ -165,6 +165,7 @@ impl TrustAnchors {
             pin,
             webpki: self.webpki.clone(),
             insecure_skip_verify: self.insecure_skip_verify,
+            warn_on_skip: true,
             algorithms: self.provider.signature_verification_algorithms,
             presented: presented.clone(),
         };
@@ -178,11 +179,54 @@ impl TrustAnchors {
     }
 }
 
+/// Connects to `url` and returns the fingerprint of the certificate the server presents,
+/// trusted or not. Sends no credentials.
+pub async fn presented_fingerprint(
+    url: &str,
+    timeout: std::time::Duration,
+) -> Result<Fingerprint, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url} is not a URL: {e}"))?;
+    if parsed.scheme() != "https" {
+        return Err(format!("{url} is not an https URL"));
+    }
+    let anchors = TrustAnchors::load(None, false).map_err(|e| e.to_string())?;
+    let presented = PresentedCertificate::default();
+    let verifier = ProxmoxVerifier {
+        pin: None,
+        webpki: None,
+        // Only looking: no credentials go over this connection.
+        insecure_skip_verify: true,
+        warn_on_skip: false,
+        algorithms: anchors.provider.signature_verification_algorithms,
+        presented: presented.clone(),
+    };
+    let config = ClientConfig::builder_with_provider(anchors.provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let outcome = client.get(parsed).send().await;
+    match (presented.take(), outcome) {
+        (Some(fingerprint), _) => Ok(fingerprint),
+        (None, Err(e)) => Err(format!("cannot connect to {url}: {e}")),
+        (None, Ok(_)) => Err(format!("{url} presented no certificate")),
+    }
+}
+
 #[derive(Debug)]
 struct ProxmoxVerifier {
     pin: Option<Fingerprint>,
     webpki: Option<Arc<WebPkiServerVerifier>>,
     insecure_skip_verify: bool,
+    /// Skipping verification is worth a warning, except when only looking at a certificate.
+    warn_on_skip: bool,
     algorithms: WebPkiSupportedAlgorithms,
     presented: PresentedCertificate,
 }
@@ -208,7 +252,9 @@ impl ServerCertVerifier for ProxmoxVerifier {
             };
         }
         if self.insecure_skip_verify {
-            tracing::warn!(%fingerprint, server = ?server_name, "accepting a certificate without verifying it (tls.insecure_skip_verify)");
+            if self.warn_on_skip {
+                tracing::warn!(%fingerprint, server = ?server_name, "accepting a certificate without verifying it (tls.insecure_skip_verify)");
+            }
             return Ok(ServerCertVerified::assertion());
         }
         match &self.webpki {
