@@ -51,6 +51,8 @@ use crate::tls::{TlsError, TrustAnchors};
 /// A known plaintext sealed under the key, to recognise the right key at start.
 const KEY_CHECK_PLAINTEXT: &str = "proxmoxer key check";
 const KEY_CHECK_CONTEXT: &[u8] = b"key-check";
+/// pveproxy delays every 401 by 3 s; a shorter timeout turns them into timeouts.
+const MIN_SENSIBLE_PROXMOX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,13 @@ pub async fn run(
         "database opened"
     );
 
+    if config.proxmox_timeout < MIN_SENSIBLE_PROXMOX_TIMEOUT {
+        tracing::warn!(
+            timeout = %humantime::format_duration(config.proxmox_timeout),
+            "proxmox.timeout is below 5s: Proxmox answers authentication failures 3 s late, so \
+             a rejected ticket or password may be reported as a timeout"
+        );
+    }
     let trust = TrustAnchors::load(
         config.tls_ca_file.as_deref(),
         config.tls_insecure_skip_verify,

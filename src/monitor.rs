@@ -21,10 +21,21 @@ const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
 const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
 const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60 * 60);
 
+/// A check makes at most three calls (login, version, cluster status), each bounded by the
+/// Proxmox timeout; a re-login after a rejected ticket fits in the same budget or fails.
+const CALLS_PER_CHECK: u32 = 3;
+
 #[derive(Debug, Clone, Copy)]
 pub struct MonitorSettings {
     pub interval: Duration,
     pub proxmox_timeout: Duration,
+}
+
+impl MonitorSettings {
+    /// The longest one check may take before it counts as timed out.
+    pub fn check_deadline(&self) -> Duration {
+        self.proxmox_timeout * CALLS_PER_CHECK
+    }
 }
 
 pub struct MonitorActor;
@@ -124,7 +135,10 @@ impl Actor for MonitorActor {
         match msg {
             MonitorMsg::Check => {
                 let started = Instant::now();
-                let outcome = state.check().await;
+                let deadline = state.settings.check_deadline();
+                let outcome = tokio::time::timeout(deadline, state.check())
+                    .await
+                    .unwrap_or(CheckOutcome::Failed(ProxmoxError::Timeout(deadline)));
                 metrics::histogram!("proxmoxer_check_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 // The registry gone means the daemon is stopping; nothing to report to.

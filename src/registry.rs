@@ -27,7 +27,8 @@ const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
 /// A monitor that ran this long since its last restart starts its back-off afresh.
 const HEALTHY_PERIOD: Duration = Duration::from_secs(120);
-/// A status older than this many intervals shows as unknown.
+/// A status older than this many intervals (plus the longest a check may take) shows as
+/// unknown.
 const STALE_AFTER_INTERVALS: u32 = 3;
 
 /// Identifies one registration attempt, so a client that goes away can cancel it.
@@ -146,8 +147,10 @@ pub struct RegistryState {
 }
 
 impl RegistryState {
+    /// A monitor waiting on a slow Proxmox is not stuck: the window allows for a whole check.
     fn stale_after(&self) -> Duration {
         self.settings.monitor.interval * STALE_AFTER_INTERVALS
+            + self.settings.monitor.check_deadline()
     }
 
     fn name_taken(&self, name: &ClusterName) -> bool {
