@@ -299,14 +299,13 @@ impl ProxmoxClient {
         self.presented.take();
         match request.send().await {
             Ok(response) => Ok(response),
-            Err(e) if !e.is_timeout() && !e.is_connect() && retry.is_some() => {
-                tracing::debug!(error = %error_chain(&e), "retrying a request that failed on a reused connection");
-                match retry {
-                    Some(retry) => retry.send().await.map_err(|e| self.transport_error(&e)),
-                    None => Err(self.transport_error(&e)),
+            Err(e) => match retry {
+                Some(retry) if !e.is_timeout() && !e.is_connect() => {
+                    tracing::debug!(error = %error_chain(&e), "retrying a request that failed on a reused connection");
+                    retry.send().await.map_err(|e| self.transport_error(&e))
                 }
-            }
-            Err(e) => Err(self.transport_error(&e)),
+                _ => Err(self.transport_error(&e)),
+            },
         }
     }
 
