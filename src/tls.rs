@@ -169,13 +169,16 @@ impl TrustAnchors {
             algorithms: self.provider.signature_verification_algorithms,
             presented: presented.clone(),
         };
-        let config = ClientConfig::builder_with_provider(self.provider.clone())
+        Ok((self.config_with(verifier)?, presented))
+    }
+
+    fn config_with(&self, verifier: ProxmoxVerifier) -> Result<ClientConfig, TlsError> {
+        Ok(ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        Ok((config, presented))
+            .with_no_client_auth())
     }
 }
 
@@ -200,12 +203,7 @@ pub async fn presented_fingerprint(
         algorithms: anchors.provider.signature_verification_algorithms,
         presented: presented.clone(),
     };
-    let config = ClientConfig::builder_with_provider(anchors.provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+    let config = anchors.config_with(verifier).map_err(|e| e.to_string())?;
     let client = reqwest::Client::builder()
         .tls_backend_preconfigured(config)
         .redirect(reqwest::redirect::Policy::none())
