@@ -89,6 +89,11 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    // Configuration problems first: a start that fails must leave no key or database behind.
+    let trust = TrustAnchors::load(
+        config.tls_ca_file.as_deref(),
+        config.tls_insecure_skip_verify,
+    )?;
     let (store, vault, clusters) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_state(&config.database, &config.key_file))
@@ -108,10 +113,6 @@ pub async fn run(
              a rejected ticket or password may be reported as a timeout"
         );
     }
-    let trust = TrustAnchors::load(
-        config.tls_ca_file.as_deref(),
-        config.tls_insecure_skip_verify,
-    )?;
     let settings = RegistrySettings {
         monitor: MonitorSettings {
             interval: config.monitor_interval,

@@ -314,17 +314,22 @@ impl ProxmoxClient {
             return ProxmoxError::Timeout(self.timeout);
         }
         let chain = error_chain(error);
-        let lower = chain.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-            return match (self.presented.take(), self.pin) {
-                (Some(presented), Some(pinned)) if presented != pinned => {
+        if let Some(tls) = find_tls_error(error) {
+            return match (tls, self.presented.take(), self.pin) {
+                (rustls::Error::InvalidCertificate(_), Some(presented), Some(pinned))
+                    if presented != pinned =>
+                {
                     ProxmoxError::CertificateMismatch { presented, pinned }
                 }
-                (Some(presented), _) => ProxmoxError::CertificateNotTrusted {
-                    presented,
-                    detail: tls_detail(&chain),
-                },
-                (None, _) => ProxmoxError::Tls(chain),
+                (rustls::Error::InvalidCertificate(_), Some(presented), _) => {
+                    ProxmoxError::CertificateNotTrusted {
+                        presented,
+                        detail: tls.to_string(),
+                    }
+                }
+                // No certificate was judged: the handshake itself failed, e.g. the port speaks
+                // plain HTTP or no common protocol version exists.
+                _ => ProxmoxError::Tls(format!("TLS handshake failed: {tls}")),
             };
         }
         if let Some(io) = find_io_error(error) {
@@ -338,6 +343,7 @@ impl ProxmoxClient {
                 _ => {}
             }
         }
+        let lower = chain.to_ascii_lowercase();
         if lower.contains("dns error") || lower.contains("failed to lookup address") {
             return ProxmoxError::Unreachable(format!("cannot resolve host: {chain}"));
         }
@@ -345,13 +351,24 @@ impl ProxmoxClient {
     }
 }
 
-/// rustls' reason, without reqwest's and hyper's wrappers around it.
-fn tls_detail(chain: &str) -> String {
-    chain
-        .rsplit(": ")
-        .find(|part| !part.trim().is_empty())
-        .unwrap_or(chain)
-        .to_owned()
+/// The rustls error behind a failed request, if any. It arrives wrapped in `io::Error`s
+/// (tokio-rustls, then the connector), whose `source()` skips the error they wrap, so those
+/// are unwrapped by hand.
+fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {

@@ -129,7 +129,9 @@ impl TrustAnchors {
                 return Err(ca_error("it holds no PEM certificate".into()));
             }
             for cert in certs {
-                roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ca_error(format!("it holds an unusable CA certificate ({e})")))?;
             }
         }
         let webpki = if roots.is_empty() {
