@@ -100,9 +100,20 @@ impl Cluster {
         credentials: Credentials,
         history: Vec<Transition>,
     ) -> Self {
+        let mut history = VecDeque::from(history);
+        // The restart itself is a transition: the status is unknown until the next check, and
+        // the history should read that way rather than jump from the last status before it.
+        if record.status != ClusterStatus::Unknown {
+            history.push_back(Transition {
+                at: Utc::now(),
+                from: record.status,
+                to: ClusterStatus::Unknown,
+                reason: StatusReason::NotChecked,
+                error: None,
+            });
+        }
         record.status = ClusterStatus::Unknown;
         record.status_reason = StatusReason::NotChecked;
-        let mut history = VecDeque::from(history);
         while history.len() > HISTORY_CAPACITY {
             history.pop_front();
         }

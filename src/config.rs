@@ -226,8 +226,13 @@ impl Config {
                 }
             };
         }
+        let mut level_key = "log.level";
         if let Some(v) = env("PROXMOXER_LOG") {
             raw.log.level = v;
+            level_key = "PROXMOXER_LOG";
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+            return Err(invalid(level_key, e.to_string()));
         }
         if let Some(v) = env("PROXMOXER_LOG_FORMAT") {
             raw.log.format = match v.trim().to_ascii_lowercase().as_str() {

@@ -89,8 +89,9 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     match runtime.block_on(proxmoxer::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logged, not printed: with log.format = "json" every stderr line stays JSON.
             tracing::error!("{e}");
-            fail(&e.to_string())
+            ExitCode::FAILURE
         }
     }
 }
@@ -100,8 +101,8 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(e) = EnvFilter::try_new(&config.log_level) {
-        eprintln!("proxmoxer: invalid value for log.level: {e}");
+    if let Err(e) = log_filter(&config.log_level) {
+        eprintln!("proxmoxer: {e}");
         return ExitCode::from(2);
     }
     if let Err(e) = proxmoxer::tls::TrustAnchors::load(config.tls_ca_file.as_deref(), false) {
@@ -141,13 +142,18 @@ fn fingerprint(url: &str) -> ExitCode {
     }
 }
 
-fn init_tracing(level: &str, format: LogFormat) -> Result<(), String> {
-    let filter = match std::env::var("RUST_LOG") {
+/// `RUST_LOG` when set, else the configured level.
+fn log_filter(level: &str) -> Result<EnvFilter, String> {
+    match std::env::var("RUST_LOG") {
         Ok(filter) if !filter.is_empty() => {
-            EnvFilter::try_new(&filter).map_err(|e| format!("invalid value for RUST_LOG: {e}"))?
+            EnvFilter::try_new(&filter).map_err(|e| format!("invalid value for RUST_LOG: {e}"))
         }
-        _ => EnvFilter::try_new(level).map_err(|e| format!("invalid value for log.level: {e}"))?,
-    };
+        _ => EnvFilter::try_new(level).map_err(|e| format!("invalid value for log.level: {e}")),
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) -> Result<(), String> {
+    let filter = log_filter(level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -36,10 +36,19 @@ pub(super) async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    // An id we cannot read is one we never issued: the client must re-list, not silently
+    // miss events.
+    let (last_event_id, unreadable_id) = match headers.get("last-event-id") {
+        None => (None, false),
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            Some(id) => (Some(id), false),
+            None => (None, true),
+        },
+    };
     let registry = &state.registry;
     let subscription = call_t!(
         registry,
@@ -50,7 +59,7 @@ pub(super) async fn events(
     .map_err(registry_unavailable)?;
 
     let mut pending = VecDeque::new();
-    if subscription.gap {
+    if subscription.gap || unreadable_id {
         pending.push_back(resync(
             "the events after Last-Event-ID are no longer buffered; list the clusters again",
         ));

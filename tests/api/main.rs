@@ -1,9 +1,12 @@
 //! Black-box tests of the `proxmoxer` daemon: one test binary, many modules.
 
+mod bench;
 mod fake_pve;
 mod fake_pve_selftest;
 mod helpers;
 mod monitoring;
+mod operations;
 mod persistence;
 mod registration;
+mod tls;
 mod tokens;
