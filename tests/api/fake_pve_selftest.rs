@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
-use crate::helpers::{TestApp, wait_until};
+use crate::helpers::wait_until;
 
 const SHORT_DELAY: Duration = Duration::from_millis(200);
 const TICKET_PATH: &str = "/api2/json/access/ticket";
@@ -749,19 +749,6 @@ async fn fake_pve_wait_until_polls_until_the_condition_holds() {
     )
     .await;
     assert!(logged_in);
-}
-
-#[tokio::test]
-#[ignore = "starts the real daemon; run once it exists"]
-async fn daemon_smoke_starts_answers_health_and_stops_on_sigterm() {
-    let mut app = TestApp::spawn().await;
-    assert!(app.get_health().await.status().is_success());
-    let status = app.terminate().await;
-    assert!(
-        status.success(),
-        "exit status {status}; logs:\n{}",
-        app.logs()
-    );
 }
 
 // --- HTTPS mode ---------------------------------------------------------------------------------
