@@ -188,8 +188,10 @@ impl Config {
             None => FileConfig::default(),
         };
 
+        let mut listen_key = "server.listen";
         if let Some(v) = env("PROXMOXER_LISTEN") {
             raw.server.listen = v;
+            listen_key = "PROXMOXER_LISTEN";
         }
         if let Some(v) = env("PROXMOXER_DATABASE") {
             raw.storage.database = PathBuf::from(v);
@@ -249,7 +251,7 @@ impl Config {
 
         let listen = raw.server.listen.parse::<SocketAddr>().map_err(|_| {
             invalid(
-                "server.listen",
+                listen_key,
                 format!(
                     "{:?} is not an address:port such as 127.0.0.1:8080",
                     raw.server.listen
@@ -259,15 +261,20 @@ impl Config {
         if raw.storage.database.as_os_str().is_empty() {
             return Err(invalid("storage.database", "must not be empty"));
         }
-        if raw.monitor.interval.is_zero() {
-            return Err(invalid("monitor.interval", "must be greater than zero"));
-        }
+        check_range(
+            &raw.monitor.interval,
+            "monitor.interval",
+            MAX_MONITOR_INTERVAL,
+        )?;
         if raw.monitor.failure_threshold == 0 {
             return Err(invalid("monitor.failure_threshold", "must be at least 1"));
         }
-        if raw.proxmox.timeout.is_zero() {
-            return Err(invalid("proxmox.timeout", "must be greater than zero"));
-        }
+        check_range(&raw.proxmox.timeout, "proxmox.timeout", MAX_PROXMOX_TIMEOUT)?;
+        check_range(
+            &raw.server.shutdown_grace,
+            "server.shutdown_grace",
+            MAX_SHUTDOWN_GRACE,
+        )?;
         let key_file = match raw.storage.key_file {
             Some(path) if path.as_os_str().is_empty() => {
                 return Err(invalid("storage.key_file", "must not be empty"));
@@ -304,6 +311,29 @@ fn default_key_file(database: &Path, credentials_dir: Option<String>) -> PathBuf
         .parent()
         .unwrap_or_else(|| Path::new(""))
         .join(KEY_FILE_NAME)
+}
+
+/// Bounds keep derived periods (stale windows, back-offs) far from overflow, and catch typos
+/// such as `30d` for `30s`.
+const MAX_MONITOR_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(60 * 60);
+
+fn check_range(value: &Duration, key: &str, max: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    if *value > max {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is more than the maximum of {}",
+                humantime::format_duration(*value),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -382,7 +412,26 @@ mod tests {
                 &[("PROXMOXER_MONITOR_INTERVAL", "often")],
                 "PROXMOXER_MONITOR_INTERVAL",
             ),
-            (None, &[("PROXMOXER_LISTEN", "localhost")], "server.listen"),
+            (
+                None,
+                &[("PROXMOXER_LISTEN", "localhost")],
+                "PROXMOXER_LISTEN",
+            ),
+            (
+                Some("[server]\nlisten = \"localhost\"\n"),
+                &[],
+                "server.listen",
+            ),
+            (
+                None,
+                &[("PROXMOXER_PROXMOX_TIMEOUT", "300000000000years")],
+                "proxmox.timeout",
+            ),
+            (
+                None,
+                &[("PROXMOXER_MONITOR_INTERVAL", "30d")],
+                "monitor.interval",
+            ),
             (
                 None,
                 &[("PROXMOXER_MONITOR_FAILURE_THRESHOLD", "0")],

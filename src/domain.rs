@@ -348,11 +348,19 @@ pub enum StatusReason {
 
 impl fmt::Display for StatusReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        f.write_str(&text)
+        f.write_str(match self {
+            Self::Ok => "ok",
+            Self::NodeOffline => "node_offline",
+            Self::QuorumLost => "quorum_lost",
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::TlsError => "tls_error",
+            Self::AuthFailed => "auth_failed",
+            Self::Forbidden => "forbidden",
+            Self::BadResponse => "bad_response",
+            Self::NotChecked => "not_checked",
+            Self::Stale => "stale",
+        })
     }
 }
 
@@ -439,6 +447,29 @@ mod tests {
             assert!(
                 TokenId::parse(raw, &user).is_err(),
                 "{raw} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn status_reasons_display_as_they_serialise() {
+        use StatusReason::*;
+        for reason in [
+            Ok,
+            NodeOffline,
+            QuorumLost,
+            Unreachable,
+            Timeout,
+            TlsError,
+            AuthFailed,
+            Forbidden,
+            BadResponse,
+            NotChecked,
+            Stale,
+        ] {
+            assert_eq!(
+                serde_json::to_value(reason).ok(),
+                Some(serde_json::Value::String(reason.to_string()))
             );
         }
     }

@@ -89,7 +89,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    // Configuration problems first: a start that fails must leave no key or database behind.
+    // A bad CA file is a configuration error: report it before creating a database or key.
     let trust = TrustAnchors::load(
         config.tls_ca_file.as_deref(),
         config.tls_insecure_skip_verify,
@@ -179,11 +179,17 @@ pub async fn run(
         let _ = deadline_rx.wait_for(|stop| *stop).await;
         tokio::time::sleep(grace).await;
     };
+    let mut registry_task = registry_task;
     let served = tokio::select! {
         result = serve => result.map_err(StartupError::Serve),
         () = deadline => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
             Ok(())
+        }
+        // Without its registry the daemon can only answer 503: exit, so the service manager
+        // restarts it.
+        _ = &mut registry_task => {
+            return Err(StartupError::Registry("the registry stopped unexpectedly".into()));
         }
     };
 

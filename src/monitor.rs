@@ -20,6 +20,9 @@ const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
 /// The first check comes within min(interval, this), spread so clusters do not fire together.
 const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
 const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60 * 60);
+/// Tokens never log in and tickets are renewed in place, so `/version` is also re-read on
+/// this period: an upgrade shows within it.
+const VERSION_REFRESH: Duration = Duration::from_secs(10 * 60);
 
 /// A check makes at most three calls (login, version, cluster status), each bounded by the
 /// Proxmox timeout; a re-login after a rejected ticket fits in the same budget or fails.
@@ -70,8 +73,9 @@ pub struct MonitorState {
     settings: MonitorSettings,
     registry: ActorRef<RegistryMsg>,
     session: Option<Session>,
-    /// `/version` is read after every login, so upgrades show.
+    /// `/version` is read after every login or renewal, and every [`VERSION_REFRESH`].
     version_due: bool,
+    version_read_at: Option<Instant>,
     login_backoff: Option<LoginBackoff>,
     next_check: Instant,
 }
@@ -106,6 +110,7 @@ impl Actor for MonitorActor {
             generation: args.generation,
             client,
             version_due: args.session.is_none(),
+            version_read_at: args.session.is_some().then(Instant::now),
             session: args.session,
             credentials: args.credentials,
             settings: args.settings,
@@ -200,9 +205,13 @@ impl MonitorState {
 
     async fn check_once(&mut self) -> Result<CheckOutcome, ProxmoxError> {
         let session = self.session().await?;
-        let version = if self.version_due {
+        let refresh_due = self
+            .version_read_at
+            .is_none_or(|at| at.elapsed() >= VERSION_REFRESH);
+        let version = if self.version_due || refresh_due {
             let version = self.client.version(&session).await?;
             self.version_due = false;
+            self.version_read_at = Some(Instant::now());
             Some(version)
         } else {
             None
@@ -229,6 +238,7 @@ impl MonitorState {
                 {
                     let renewed = Session::Ticket(renewed);
                     self.session = Some(renewed.clone());
+                    self.version_due = true;
                     return Ok(renewed);
                 }
                 self.session = None;

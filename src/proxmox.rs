@@ -196,7 +196,7 @@ impl ProxmoxClient {
     pub async fn open_session(&self, credentials: &Credentials) -> Result<Session, ProxmoxError> {
         match credentials {
             Credentials::Password { username, password } => self
-                .request_ticket(username.as_str(), password.expose())
+                .request_ticket(username.as_str(), password.expose(), "login")
                 .await
                 .map(Session::Ticket),
             Credentials::Token {
@@ -218,18 +218,25 @@ impl ProxmoxClient {
         username: &ProxmoxUser,
         ticket: &Ticket,
     ) -> Result<Ticket, ProxmoxError> {
-        self.request_ticket(username.as_str(), ticket.ticket.expose())
+        self.request_ticket(username.as_str(), ticket.ticket.expose(), "renewal")
             .await
     }
 
-    async fn request_ticket(&self, username: &str, password: &str) -> Result<Ticket, ProxmoxError> {
+    /// `kind` is `login` (a realm authentication) or `renewal` (a ticket as the password).
+    async fn request_ticket(
+        &self,
+        username: &str,
+        password: &str,
+        kind: &'static str,
+    ) -> Result<Ticket, ProxmoxError> {
         let result = self.request_ticket_once(username, password).await;
         let outcome = match &result {
             Ok(_) => "success",
             Err(ProxmoxError::AuthenticationFailed | ProxmoxError::TwoFactorRequired) => "rejected",
             Err(_) => "error",
         };
-        metrics::counter!("proxmoxer_proxmox_logins_total", "outcome" => outcome).increment(1);
+        metrics::counter!("proxmoxer_proxmox_logins_total", "kind" => kind, "outcome" => outcome)
+            .increment(1);
         result
     }
 
@@ -246,7 +253,7 @@ impl ProxmoxClient {
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(ProxmoxError::AuthenticationFailed);
         }
-        let login: Option<LoginData> = read_data(check_status(response)?).await?;
+        let login: Option<LoginData> = self.read_data(check_status(response)?).await?;
         let login = login.ok_or(ProxmoxError::AuthenticationFailed)?;
         // A second factor is pending: the "ticket" is only a half ticket every other call rejects.
         if login.need_tfa.unwrap_or(false) || login.ticket.starts_with("PVE:!tfa!") {
@@ -268,7 +275,13 @@ impl ProxmoxClient {
     /// `GET /cluster/status`, which needs Sys.Audit on `/`.
     pub async fn cluster_status(&self, session: &Session) -> Result<ClusterHealth, ProxmoxError> {
         let entries: Vec<StatusEntry> = self.get("/cluster/status", session).await?;
-        Ok(health_from_entries(&entries))
+        let health = health_from_entries(&entries);
+        if health.node_count == 0 {
+            return Err(ProxmoxError::BadResponse(
+                "/cluster/status lists no node".into(),
+            ));
+        }
+        Ok(health)
     }
 
     async fn get<T: DeserializeOwned>(
@@ -279,8 +292,35 @@ impl ProxmoxClient {
         let request =
             session.authorize(self.http.request(Method::GET, self.endpoint.api_url(path)));
         let response = self.send(request, true).await?;
-        let data: Option<T> = read_data(check_status(response)?).await?;
+        let data: Option<T> = self.read_data(check_status(response)?).await?;
         data.ok_or_else(|| ProxmoxError::BadResponse(format!("{path} answered without data")))
+    }
+
+    /// Every `/api2/json` answer wraps its payload in `{"data": ...}`; `data` may be null.
+    async fn read_data<T: DeserializeOwned>(
+        &self,
+        mut response: Response,
+    ) -> Result<Option<T>, ProxmoxError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            if e.is_timeout() {
+                ProxmoxError::Timeout(self.timeout)
+            } else {
+                ProxmoxError::Unreachable(error_chain(&e))
+            }
+        })? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(ProxmoxError::BadResponse("answer is too large".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        #[derive(Deserialize)]
+        struct Envelope<T> {
+            data: Option<T>,
+        }
+        serde_json::from_slice::<Envelope<T>>(&body)
+            .map(|envelope| envelope.data)
+            .map_err(|e| ProxmoxError::BadResponse(format!("not the Proxmox API's JSON ({e})")))
     }
 
     /// Sends a request, mapping transport failures to operator-readable errors. An idempotent
@@ -432,30 +472,6 @@ fn check_status(response: Response) -> Result<Response, ProxmoxError> {
             reason,
         },
     })
-}
-
-/// Every `/api2/json` answer wraps its payload in `{"data": ...}`; `data` may be null.
-async fn read_data<T: DeserializeOwned>(mut response: Response) -> Result<Option<T>, ProxmoxError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| {
-        if e.is_timeout() {
-            ProxmoxError::BadResponse("timed out reading the answer".into())
-        } else {
-            ProxmoxError::Unreachable(error_chain(&e))
-        }
-    })? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ProxmoxError::BadResponse("answer is too large".into()));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    #[derive(Deserialize)]
-    struct Envelope<T> {
-        data: Option<T>,
-    }
-    serde_json::from_slice::<Envelope<T>>(&body)
-        .map(|envelope| envelope.data)
-        .map_err(|e| ProxmoxError::BadResponse(format!("not the Proxmox API's JSON ({e})")))
 }
 
 #[derive(Deserialize)]

@@ -76,8 +76,9 @@ pub enum RegistryMsg {
     List(RpcReplyPort<Vec<ClusterView>>),
     Get(ClusterId, RpcReplyPort<Option<ClusterView>>),
     Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
-    /// Answers with the number of clusters: proof the registry is alive.
-    Ping(RpcReplyPort<usize>),
+    /// Answers with the number of clusters, proof the registry is alive, or why it is not
+    /// healthy: the last write to the database failed.
+    Ping(RpcReplyPort<Result<usize, String>>),
     /// A cluster's status transitions, newest first; `None` for an unknown cluster.
     History(ClusterId, RpcReplyPort<Option<Vec<Transition>>>),
     /// Subscribes to change events, replaying those after the given event id.
@@ -144,6 +145,9 @@ pub struct RegistryState {
     next_generation: u64,
     dirty: HashSet<ClusterId>,
     events: EventHub,
+    /// The newest failed write, until a write succeeds; reported by `/health` and withheld
+    /// watchdog pings, so a broken disk does not go unnoticed.
+    store_error: Option<String>,
 }
 
 impl RegistryState {
@@ -182,6 +186,7 @@ impl Actor for RegistryActor {
             next_generation: 0,
             dirty: HashSet::new(),
             events: EventHub::new(),
+            store_error: None,
         })
     }
 
@@ -237,7 +242,11 @@ impl Actor for RegistryActor {
                 let _ = reply.send(result);
             }
             RegistryMsg::Ping(reply) => {
-                let _ = reply.send(state.clusters.len());
+                let health = match &state.store_error {
+                    None => Ok(state.clusters.len()),
+                    Some(error) => Err(format!("database writes are failing: {error}")),
+                };
+                let _ = reply.send(health);
             }
             RegistryMsg::History(id, reply) => {
                 let _ = reply.send(state.clusters.get(&id).map(Cluster::history_newest_first));
@@ -372,8 +381,13 @@ fn on_register(
     };
     let credentials = request.credentials.clone();
     let registry = myself.clone();
+    // The same budget as a monitor's check, so the caller's wait (a little longer) never
+    // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
+    let deadline = state.settings.monitor.check_deadline();
     let probe = tokio::spawn(async move {
-        let result = client.probe(&credentials).await;
+        let result = tokio::time::timeout(deadline, client.probe(&credentials))
+            .await
+            .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
         let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
     });
     state.pending.insert(
@@ -445,11 +459,8 @@ async fn commit_registration(
         updated_at: now,
     };
     let cluster = Cluster::registered(record, request.credentials);
-    let store = state.store.clone();
     let to_write = [(cluster.record.clone(), cluster.history())];
-    tokio::task::spawn_blocking(move || store.put(&to_write))
-        .await
-        .map_err(|e| RegistryError::Task(e.to_string()))??;
+    write(state, move |store| store.put(&to_write)).await?;
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
     state.clusters.insert(id, cluster);
@@ -462,10 +473,7 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     if !state.clusters.contains_key(&id) {
         return Err(RegistryError::NotFound);
     }
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.delete(id))
-        .await
-        .map_err(|e| RegistryError::Task(e.to_string()))??;
+    write(state, move |store| store.delete(id)).await?;
     // Forget the monitor before killing it, so its termination is not taken for a failure.
     if let Some(monitor) = state.monitors.remove(&id) {
         state.monitor_owners.remove(&monitor.actor.get_id());
@@ -547,12 +555,26 @@ async fn flush(state: &mut RegistryState) {
         .filter_map(|id| state.clusters.get(id))
         .map(|c| (c.record.clone(), c.history()))
         .collect();
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.put(&records)).await {
-        Ok(Ok(())) => state.dirty.clear(),
-        Ok(Err(e)) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
+    match write(state, move |store| store.put(&records)).await {
+        Ok(()) => state.dirty.clear(),
         Err(e) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
     }
+}
+
+/// Runs a store write on a blocking thread (redb fsyncs) and records whether the database
+/// still takes writes.
+async fn write<T: Send + 'static>(
+    state: &mut RegistryState,
+    operation: impl FnOnce(Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let store = state.store.clone();
+    let result = match tokio::task::spawn_blocking(move || operation(store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(RegistryError::Store(e)),
+        Err(e) => Err(RegistryError::Task(e.to_string())),
+    };
+    state.store_error = result.as_ref().err().map(ToString::to_string);
+    result
 }
 
 async fn spawn_monitor(

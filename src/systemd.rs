@@ -60,6 +60,17 @@ pub fn spawn_supervision(registry: ActorRef<RegistryMsg>, mut stop: watch::Recei
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
+            match call_t!(registry, RegistryMsg::Ping, reply_timeout_ms) {
+                Ok(Ok(_)) => {}
+                Ok(Err(reason)) => {
+                    tracing::error!(%reason, "withholding the watchdog ping");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the registry did not answer; withholding the watchdog ping");
+                    continue;
+                }
+            }
             match call_t!(registry, RegistryMsg::Snapshot, reply_timeout_ms) {
                 Ok(snapshot) => {
                     let line = status_line(&snapshot);

@@ -238,11 +238,23 @@ fn parse_credentials(
             "Token ID is required",
             json!({ "field": "token_id", "reason": "token_secret needs its token_id" }),
         )),
-        (None, Some(token_id), Some(secret)) => Ok(Credentials::Token {
-            token_id: TokenId::parse(token_id, &username)?,
-            username,
-            secret: Secret::new(secret),
-        }),
+        (None, Some(token_id), Some(secret)) => {
+            // The secret travels in an Authorization header, which Proxmox cuts at `;`.
+            if !secret.chars().all(|c| c.is_ascii_graphic() && c != ';') {
+                return Err(ApiError::bad_request(
+                    "Token secret is invalid",
+                    json!({
+                        "field": "token_secret",
+                        "reason": "must be printable ASCII without spaces or ';' (Proxmox shows it as a UUID)",
+                    }),
+                ));
+            }
+            Ok(Credentials::Token {
+                token_id: TokenId::parse(token_id, &username)?,
+                username,
+                secret: Secret::new(secret),
+            })
+        }
     }
 }
 

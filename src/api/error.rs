@@ -120,7 +120,7 @@ impl From<ProxmoxError> for ApiError {
     fn from(e: ProxmoxError) -> Self {
         match e {
             ProxmoxError::AuthenticationFailed => Self::Unauthorized {
-                details: json!({ "reason": "Proxmox rejected the username or password" }),
+                details: json!({ "reason": "Proxmox rejected the credentials (user, password or token)" }),
             },
             ProxmoxError::TwoFactorRequired => Self::Unauthorized {
                 details: json!({

@@ -59,13 +59,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("a request handler panicked".into()).into_response()
             },
         ))
+        // Outermost, so even a request whose handler panicked is logged, counted and tagged.
+        .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
 
@@ -131,10 +132,13 @@ async fn method_not_allowed() -> ApiError {
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses(
         (status = 200, description = "The registry answers", body = openapi::Health),
-        (status = 503, description = "The registry did not answer", body = openapi::ErrorBody),
+        (status = 503, description = "The registry did not answer, or database writes are failing",
+            body = openapi::ErrorBody),
     ))]
 async fn health(State(state): State<AppState>) -> Result<Json<openapi::Health>, ApiError> {
-    let clusters = ask(&state.registry, RegistryMsg::Ping).await?;
+    let clusters = ask(&state.registry, RegistryMsg::Ping)
+        .await?
+        .map_err(|reason| ApiError::Unavailable { reason })?;
     Ok(Json(openapi::Health {
         status: "ok".to_owned(),
         clusters,

@@ -918,8 +918,18 @@ async fn metrics_expose_cluster_gauges_checks_logins_and_requests_by_route_templ
         "{}",
         m.text
     );
-    assert!(m.expect("proxmoxer_proxmox_logins_total", &[("outcome", "success")]) >= 2.0);
-    assert!(m.expect("proxmoxer_proxmox_logins_total", &[("outcome", "rejected")]) >= 1.0);
+    assert!(
+        m.expect(
+            "proxmoxer_proxmox_logins_total",
+            &[("kind", "login"), ("outcome", "success")]
+        ) >= 2.0
+    );
+    assert!(
+        m.expect(
+            "proxmoxer_proxmox_logins_total",
+            &[("kind", "login"), ("outcome", "rejected")]
+        ) >= 1.0
+    );
 
     let requests = "proxmoxer_http_requests_total";
     let post = |status| {

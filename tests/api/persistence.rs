@@ -233,7 +233,7 @@ async fn invalid_configuration_exits_naming_the_key() {
         .env("PROXMOXER_LISTEN", "localhost")
         .spawn_expect_failure()
         .await;
-    assert!(stderr.contains("server.listen"), "{stderr}");
+    assert!(stderr.contains("PROXMOXER_LISTEN"), "{stderr}");
 }
 
 #[tokio::test]

@@ -264,6 +264,14 @@ async fn credentials_must_be_a_password_or_a_complete_token() {
             with(json!({ "token_secret": 42 })),
             "Field token_secret must be a string",
         ),
+        (
+            with(json!({ "token_secret": "abc\ndef" })),
+            "Token secret is invalid",
+        ),
+        (
+            with(json!({ "token_secret": "a;b" })),
+            "Token secret is invalid",
+        ),
     ];
     for (body, message) in cases {
         let response = app.post_clusters(&body).await;
