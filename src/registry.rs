@@ -144,6 +144,8 @@ pub struct RegistryState {
     restarts: HashMap<ClusterId, RestartBackoff>,
     next_generation: u64,
     dirty: HashSet<ClusterId>,
+    /// Of the dirty clusters, those with a new status transition.
+    history_dirty: HashSet<ClusterId>,
     events: EventHub,
     /// The newest failed write, until a write succeeds; reported by `/health` and withheld
     /// watchdog pings, so a broken disk does not go unnoticed.
@@ -185,6 +187,7 @@ impl Actor for RegistryActor {
             restarts: HashMap::new(),
             next_generation: 0,
             dirty: HashSet::new(),
+            history_dirty: HashSet::new(),
             events: EventHub::new(),
             store_error: None,
         })
@@ -459,7 +462,7 @@ async fn commit_registration(
         updated_at: now,
     };
     let cluster = Cluster::registered(record, request.credentials);
-    let to_write = [(cluster.record.clone(), cluster.history())];
+    let to_write = [(cluster.record.clone(), Some(cluster.history()))];
     write(state, move |store| store.put(&to_write)).await?;
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
@@ -481,6 +484,7 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     }
     state.restarts.remove(&id);
     state.dirty.remove(&id);
+    state.history_dirty.remove(&id);
     if let Some(cluster) = state.clusters.remove(&id) {
         tracing::info!(cluster = %cluster.record.name, cluster_id = %id, "cluster deregistered");
     }
@@ -516,6 +520,7 @@ fn on_check_completed(
     }
     if let Some((old, new)) = effect.status_change {
         log_status_change(cluster, old, new);
+        state.history_dirty.insert(id);
     }
     if effect.changed {
         let view = cluster.view(stale_after);
@@ -549,14 +554,20 @@ async fn flush(state: &mut RegistryState) {
     if state.dirty.is_empty() {
         return;
     }
-    let records: Vec<(ClusterRecord, Vec<Transition>)> = state
+    let records: Vec<(ClusterRecord, Option<Vec<Transition>>)> = state
         .dirty
         .iter()
         .filter_map(|id| state.clusters.get(id))
-        .map(|c| (c.record.clone(), c.history()))
+        .map(|c| {
+            let history = state.history_dirty.contains(&c.id()).then(|| c.history());
+            (c.record.clone(), history)
+        })
         .collect();
     match write(state, move |store| store.put(&records)).await {
-        Ok(()) => state.dirty.clear(),
+        Ok(()) => {
+            state.dirty.clear();
+            state.history_dirty.clear();
+        }
         Err(e) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
     }
 }

@@ -200,9 +200,12 @@ impl Store {
         Ok(histories)
     }
 
-    /// Writes records and their histories in one durable transaction: when this returns,
-    /// they survive a crash.
-    pub fn put(&self, clusters: &[(ClusterRecord, Vec<Transition>)]) -> Result<(), StoreError> {
+    /// Writes records, and the histories given with them, in one durable transaction: when
+    /// this returns, they survive a crash. A history is rewritten only when it changed.
+    pub fn put(
+        &self,
+        clusters: &[(ClusterRecord, Option<Vec<Transition>>)],
+    ) -> Result<(), StoreError> {
         let encode = |what: &str, e: serde_json::Error| {
             StoreError::Database(format!("cannot encode {what}: {e}"))
         };
@@ -213,8 +216,10 @@ impl Store {
             for (record, history) in clusters {
                 let bytes = serde_json::to_vec(record).map_err(|e| encode("record", e))?;
                 records.insert(record.id, bytes.as_slice())?;
-                let bytes = serde_json::to_vec(history).map_err(|e| encode("history", e))?;
-                histories.insert(record.id, bytes.as_slice())?;
+                if let Some(history) = history {
+                    let bytes = serde_json::to_vec(history).map_err(|e| encode("history", e))?;
+                    histories.insert(record.id, bytes.as_slice())?;
+                }
             }
         }
         tx.commit()?;
