@@ -384,10 +384,17 @@ impl ProxmoxClient {
             }
         }
         let lower = chain.to_ascii_lowercase();
+        // reqwest's and hyper's wrappers ("error sending request for url ...") add nothing an
+        // operator can act on; the innermost cause does.
+        let cause = innermost_cause(error);
         if lower.contains("dns error") || lower.contains("failed to lookup address") {
-            return ProxmoxError::Unreachable(format!("cannot resolve host: {chain}"));
+            let host = reqwest::Url::parse(self.endpoint.as_str())
+                .ok()
+                .and_then(|url| url.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            return ProxmoxError::Unreachable(format!("cannot resolve host {host}: {cause}"));
         }
-        ProxmoxError::Unreachable(chain)
+        ProxmoxError::Unreachable(cause)
     }
 }
 
@@ -420,6 +427,14 @@ fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         current = e.source();
     }
     None
+}
+
+fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
 }
 
 /// reqwest's own message is "error sending request"; the cause is further down the chain.
