@@ -3,6 +3,10 @@
 //! Each [`TestApp`] owns a child process with its own temporary data directory, listening on a
 //! random port of 127.0.0.1. Its stderr is captured (set `TEST_LOG=1` to also echo it live), and
 //! the process is killed when the `TestApp` is dropped.
+//!
+//! Below it are the pieces several test modules share: daemons with short monitor intervals,
+//! fake Proxmox servers with a short auth-failure delay, and registering, reading and waiting on
+//! clusters over the API.
 
 // Shared by every test module of the `api` binary; each test uses only some of the helpers.
 #![allow(dead_code)]
@@ -17,6 +21,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -28,6 +34,18 @@ pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`TestAppBuilder::spawn_expect_failure`] waits for the daemon to give up.
 pub const FAILURE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bound for every wait on a condition, an event or a notification; generous because CI machines
+/// are noisy.
+pub const WAIT: Duration = Duration::from_secs(15);
+/// pveproxy answers a rejected login after 3 s; [`fake_pve`] and [`tls_fake`] shorten that for
+/// tests that are not about the delay, so that one rejected ticket does not make a check outlast
+/// the 3-interval stale window of a fast monitor.
+pub const SHORT_AUTH_DELAY: Duration = Duration::from_millis(50);
+/// Proxmox's cluster status call: one per monitor check.
+pub const STATUS_PATH: &str = "/api2/json/cluster/status";
+/// Proxmox's login call.
+pub const TICKET_PATH: &str = "/api2/json/access/ticket";
 
 const DATABASE_FILE: &str = "proxmoxer.redb";
 const KEY_FILE: &str = "proxmoxer.key";
@@ -384,17 +402,6 @@ impl TestAppBuilder {
     }
 }
 
-/// `{"name", "api_endpoint", "username", "password"}` for registering `fake` with its default
-/// credentials.
-pub fn register_body(fake: &FakePve, name: &str) -> Value {
-    json!({
-        "name": name,
-        "api_endpoint": fake.url(),
-        "username": DEFAULT_USER,
-        "password": DEFAULT_PASSWORD,
-    })
-}
-
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
 /// Use it instead of fixed sleeps: `assert!(wait_until(async || …, timeout).await, "…")`.
 #[must_use = "assert on the result: false means the condition never held"]
@@ -409,6 +416,184 @@ pub async fn wait_until(mut condition: impl AsyncFnMut() -> bool, timeout: Durat
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+// --- daemons and fakes --------------------------------------------------------------------------
+
+/// A builder for a daemon that checks every cluster every `interval` and gives each Proxmox call
+/// `proxmox_timeout`.
+pub fn daemon_checking_every(interval: &str, proxmox_timeout: &str) -> TestAppBuilder {
+    TestApp::builder()
+        .env("PROXMOXER_MONITOR_INTERVAL", interval)
+        .env("PROXMOXER_PROXMOX_TIMEOUT", proxmox_timeout)
+}
+
+/// A builder for a daemon that checks every 100 ms with a 2 s Proxmox timeout.
+pub fn fast_daemon() -> TestAppBuilder {
+    daemon_checking_every("100ms", "2s")
+}
+
+/// A plain-HTTP fake Proxmox that rejects logins after [`SHORT_AUTH_DELAY`].
+pub async fn fake_pve() -> FakePve {
+    let fake = FakePve::start().await;
+    fake.set_auth_failure_delay(SHORT_AUTH_DELAY);
+    fake
+}
+
+/// An HTTPS fake Proxmox with a certificate made for this test, rejecting logins after
+/// [`SHORT_AUTH_DELAY`].
+pub async fn tls_fake() -> FakePve {
+    let fake = FakePve::start_tls().await;
+    fake.set_auth_failure_delay(SHORT_AUTH_DELAY);
+    fake
+}
+
+// --- the clusters API ---------------------------------------------------------------------------
+
+/// `{"name", "api_endpoint", "username", "password"}` for registering `fake` with its default
+/// credentials.
+pub fn register_body(fake: &FakePve, name: &str) -> Value {
+    register_body_at(&fake.url(), name)
+}
+
+/// The fakes' default credentials, registered as `name` at `endpoint`.
+pub fn register_body_at(endpoint: &str, name: &str) -> Value {
+    json!({
+        "name": name,
+        "api_endpoint": endpoint,
+        "username": DEFAULT_USER,
+        "password": DEFAULT_PASSWORD,
+    })
+}
+
+/// The status and JSON body of a response; panics with the raw body if it is not JSON.
+pub async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("read the response body");
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("a {status} response is not JSON ({e}): {text:?}"));
+    (status, body)
+}
+
+/// Registers with `body`; expects `201` and a healthy cluster, and returns the Cluster object.
+pub async fn register(app: &TestApp, body: &Value) -> Value {
+    let (status, cluster) = json_of(app.post_clusters(body).await).await;
+    assert_eq!(status, StatusCode::CREATED, "{body} -> {cluster}");
+    assert_eq!(cluster["status"], "healthy", "{cluster}");
+    cluster
+}
+
+/// Registers `fake` as `name` with its default credentials, as [`register`] does.
+pub async fn register_fake(app: &TestApp, fake: &FakePve, name: &str) -> Value {
+    register(app, &register_body(fake, name)).await
+}
+
+/// Registers `fake` as `name` with its default credentials, as [`register`] does, and returns
+/// the new cluster's id.
+pub async fn register_fake_id(app: &TestApp, fake: &FakePve, name: &str) -> String {
+    id_of(&register_fake(app, fake, name).await)
+}
+
+/// The `id` of a Cluster object.
+pub fn id_of(cluster: &Value) -> String {
+    cluster["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the cluster has a string id: {cluster}"))
+        .to_owned()
+}
+
+/// `GET /api/v1/clusters/{id}`, which must answer 200.
+pub async fn fetch_cluster(app: &TestApp, id: &str) -> Value {
+    let (status, body) = json_of(app.get_cluster(id).await).await;
+    assert_eq!(status, StatusCode::OK, "GET cluster {id}: {body}");
+    body
+}
+
+/// `GET /api/v1/clusters`, which must answer 200: `{"clusters": [...], "total": N}`.
+pub async fn list_clusters(app: &TestApp) -> Value {
+    let (status, body) = json_of(app.get_clusters().await).await;
+    assert_eq!(status, StatusCode::OK, "GET clusters: {body}");
+    body
+}
+
+/// The `total` of the cluster list.
+pub async fn cluster_count(app: &TestApp) -> u64 {
+    let list = list_clusters(app).await;
+    list["total"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("total is a number: {list}"))
+}
+
+/// Polls the cluster until `condition` holds and returns that snapshot; panics with the last one
+/// seen after [`WAIT`].
+pub async fn wait_for_cluster(
+    app: &TestApp,
+    id: &str,
+    what: &str,
+    mut condition: impl FnMut(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let held = wait_until(
+        async || {
+            last = fetch_cluster(app, id).await;
+            condition(&last)
+        },
+        WAIT,
+    )
+    .await;
+    assert!(
+        held,
+        "timed out after {WAIT:?} waiting for {what}; last seen: {last:#}"
+    );
+    last
+}
+
+/// [`wait_for_cluster`], except that a snapshot showing `unknown` for reason `stale` never
+/// matches: with 100 ms intervals a loaded test machine can delay a check past the 3-interval
+/// stale window, and the tests using this are not about that.
+pub async fn wait_for_cluster_skipping_stale(
+    app: &TestApp,
+    id: &str,
+    what: &str,
+    mut condition: impl FnMut(&Value) -> bool,
+) -> Value {
+    wait_for_cluster(app, id, what, |snapshot| {
+        snapshot["status_reason"] != "stale" && condition(snapshot)
+    })
+    .await
+}
+
+/// A timestamp field of a Cluster object.
+pub fn timestamp(cluster: &Value, field: &str) -> DateTime<Utc> {
+    let text = cluster[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is a timestamp: {cluster}"));
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{field} is RFC 3339 ({e}): {cluster}"))
+        .with_timezone(&Utc)
+}
+
+/// Whether a Cluster object shows `status` for `reason`.
+pub fn has_status(cluster: &Value, status: &str, reason: &str) -> bool {
+    cluster["status"] == status && cluster["status_reason"] == reason
+}
+
+/// Healthy, for reason `ok`, with no `last_error`.
+pub fn is_healthy(cluster: &Value) -> bool {
+    has_status(cluster, "healthy", "ok") && cluster["last_error"].is_null()
+}
+
+/// Asserts that the fake's last cluster status read carried the API token `user!token=secret`
+/// and no ticket cookie.
+pub fn assert_status_read_with_token(fake: &FakePve, user: &str, token: &str, secret: &str) {
+    let headers = fake
+        .last_request_headers(STATUS_PATH)
+        .expect("cluster status was read");
+    assert_eq!(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        Some(format!("PVEAPIToken={user}!{token}={secret}").as_str())
+    );
+    assert!(headers.get("cookie").is_none(), "no ticket with a token");
 }
 
 // --- process plumbing ---------------------------------------------------------------------------

@@ -8,88 +8,21 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
-use crate::helpers::{TestApp, register_body, wait_until};
+use crate::helpers::{
+    STATUS_PATH, TICKET_PATH, TestApp, WAIT, daemon_checking_every, fake_pve, fetch_cluster,
+    has_status, id_of, is_healthy, list_clusters, register, register_fake_id, timestamp,
+    wait_for_cluster_skipping_stale, wait_until,
+};
 
-const STATUS_PATH: &str = "/api2/json/cluster/status";
-const TICKET_PATH: &str = "/api2/json/access/ticket";
 const VERSION_PATH: &str = "/api2/json/version";
-/// Bound for every wait on a condition; generous because CI machines are noisy.
-const WAIT: Duration = Duration::from_secs(15);
-/// pveproxy's 401s come 3 s late; tests that are not about that delay shorten it, so that one
-/// rejected ticket does not make a check outlast the 3-interval stale window of a fast monitor.
-const SHORT_AUTH_DELAY: Duration = Duration::from_millis(50);
 
 /// A daemon checking every `interval`, with a 1 s Proxmox timeout.
 async fn daemon(interval: &str) -> TestApp {
-    TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", interval)
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "1s")
-        .spawn()
-        .await
-}
-
-/// A fake Proxmox with [`SHORT_AUTH_DELAY`].
-async fn fake_pve() -> FakePve {
-    let fake = FakePve::start().await;
-    fake.set_auth_failure_delay(SHORT_AUTH_DELAY);
-    fake
-}
-
-/// Registers a cluster with `body`, expects `201` and a healthy cluster, returns its id.
-async fn register_with(app: &TestApp, body: &Value) -> String {
-    let response = app.post_clusters(body).await;
-    let status = response.status();
-    let cluster: Value = response.json().await.expect("registration answers JSON");
-    assert_eq!(status, StatusCode::CREATED, "{cluster}");
-    assert_eq!(cluster["status"], "healthy", "{cluster}");
-    cluster["id"].as_str().expect("id is a string").to_owned()
-}
-
-/// Registers `fake` with its default credentials and returns the new cluster's id.
-async fn register(app: &TestApp, fake: &FakePve, name: &str) -> String {
-    register_with(app, &register_body(fake, name)).await
-}
-
-/// `GET /api/v1/clusters/{id}`, which must be 200.
-async fn cluster(app: &TestApp, id: &str) -> Value {
-    let response = app.get_cluster(id).await;
-    let status = response.status();
-    let body: Value = response.json().await.expect("cluster is JSON");
-    assert_eq!(status, StatusCode::OK, "GET cluster {id}: {body}");
-    body
-}
-
-/// Polls the cluster until `condition` holds and returns the matching snapshot; panics with
-/// the last snapshot seen after [`WAIT`]. Snapshots showing `unknown`/`stale` never match: with
-/// 100 ms intervals, a loaded test machine can delay a check past the 3-interval stale window,
-/// and no test here is about that.
-async fn wait_for(
-    app: &TestApp,
-    id: &str,
-    what: &str,
-    mut condition: impl FnMut(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let held = wait_until(
-        async || {
-            let snapshot = cluster(app, id).await;
-            let done = snapshot["status_reason"] != "stale" && condition(&snapshot);
-            last = snapshot;
-            done
-        },
-        WAIT,
-    )
-    .await;
-    assert!(
-        held,
-        "timed out after {WAIT:?} waiting for {what}; last seen: {last:#}"
-    );
-    last
+    daemon_checking_every(interval, "1s").spawn().await
 }
 
 /// Polls the fake until `condition` holds; panics after [`WAIT`].
@@ -98,29 +31,12 @@ async fn wait_for_fake(what: &str, mut condition: impl FnMut() -> bool) {
     assert!(held, "timed out after {WAIT:?} waiting for {what}");
 }
 
-/// A timestamp field of a Cluster object.
-fn at(cluster: &Value, field: &str) -> DateTime<Utc> {
-    let text = cluster[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is a timestamp: {cluster}"));
-    DateTime::parse_from_rfc3339(text)
-        .unwrap_or_else(|e| panic!("{field} is RFC 3339 ({e}): {cluster}"))
-        .with_timezone(&Utc)
-}
-
-fn is(cluster: &Value, status: &str, reason: &str) -> bool {
-    cluster["status"] == status && cluster["status_reason"] == reason
-}
-
-fn healthy(cluster: &Value) -> bool {
-    is(cluster, "healthy", "ok") && cluster["last_error"].is_null()
-}
-
 /// Timestamps have a resolution of one second. Waits until a check lands in a later second
 /// than the cluster's `updated_at`, so that a change made from now on must move `updated_at`.
 async fn wait_for_a_later_second(app: &TestApp, id: &str) -> Value {
-    wait_for(app, id, "a check in a later second than updated_at", |c| {
-        !c["last_checked_at"].is_null() && at(c, "last_checked_at") > at(c, "updated_at")
+    wait_for_cluster_skipping_stale(app, id, "a check in a later second than updated_at", |c| {
+        !c["last_checked_at"].is_null()
+            && timestamp(c, "last_checked_at") > timestamp(c, "updated_at")
     })
     .await
 }
@@ -129,45 +45,46 @@ async fn wait_for_a_later_second(app: &TestApp, id: &str) -> Value {
 async fn a_node_going_offline_makes_the_cluster_degraded_until_it_comes_back() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "node-offline").await;
+    let id = register_fake_id(&app, &fake, "node-offline").await;
 
     let steady = wait_for_a_later_second(&app, &id).await;
-    assert!(healthy(&steady), "{steady}");
+    assert!(is_healthy(&steady), "{steady}");
     assert_eq!(
         steady["updated_at"], steady["created_at"],
         "checks that change nothing shown leave updated_at alone: {steady}"
     );
 
     fake.set_node_online("pve3", false);
-    let degraded = wait_for(&app, &id, "degraded", |c| c["status"] == "degraded").await;
+    let degraded =
+        wait_for_cluster_skipping_stale(&app, &id, "degraded", |c| c["status"] == "degraded").await;
     assert_eq!(degraded["status_reason"], "node_offline", "{degraded}");
     assert_eq!(degraded["node_count"], 3, "{degraded}");
     assert_eq!(degraded["nodes_online"], 2, "{degraded}");
     assert_eq!(degraded["quorate"], true, "{degraded}");
     assert_eq!(degraded["last_error"], Value::Null, "{degraded}");
     assert!(
-        at(&degraded, "updated_at") > at(&steady, "updated_at"),
+        timestamp(&degraded, "updated_at") > timestamp(&steady, "updated_at"),
         "updated_at moves with the status: {steady} then {degraded}"
     );
 
     // Monitoring goes on while degraded: last_checked_at moves, updated_at does not.
-    let later = wait_for(&app, &id, "a later check while degraded", |c| {
-        at(c, "last_checked_at") > at(&degraded, "last_checked_at")
+    let later = wait_for_cluster_skipping_stale(&app, &id, "a later check while degraded", |c| {
+        timestamp(c, "last_checked_at") > timestamp(&degraded, "last_checked_at")
     })
     .await;
     assert_eq!(later["status"], "degraded", "{later}");
     assert_eq!(later["updated_at"], degraded["updated_at"], "{later}");
 
     fake.set_node_online("pve3", true);
-    let back = wait_for(&app, &id, "healthy again", healthy).await;
+    let back = wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
     assert_eq!(back["nodes_online"], 3, "{back}");
     assert_eq!(back["node_count"], 3, "{back}");
     assert!(
-        at(&back, "updated_at") > at(&degraded, "updated_at"),
+        timestamp(&back, "updated_at") > timestamp(&degraded, "updated_at"),
         "{degraded} then {back}"
     );
     assert!(
-        at(&back, "last_checked_at") >= at(&later, "last_checked_at"),
+        timestamp(&back, "last_checked_at") >= timestamp(&later, "last_checked_at"),
         "{later} then {back}"
     );
 }
@@ -176,12 +93,12 @@ async fn a_node_going_offline_makes_the_cluster_degraded_until_it_comes_back() {
 async fn losing_quorum_makes_the_cluster_unhealthy_until_quorum_returns() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "quorum").await;
+    let id = register_fake_id(&app, &fake, "quorum").await;
 
     // Two of three nodes gone: the survivor has no majority.
     fake.set_node_online("pve2", false);
     fake.set_node_online("pve3", false);
-    let lost = wait_for(&app, &id, "quorum lost", |c| {
+    let lost = wait_for_cluster_skipping_stale(&app, &id, "quorum lost", |c| {
         c["status_reason"] == "quorum_lost"
     })
     .await;
@@ -194,7 +111,7 @@ async fn losing_quorum_makes_the_cluster_unhealthy_until_quorum_returns() {
 
     fake.set_node_online("pve2", true);
     fake.set_node_online("pve3", true);
-    let back = wait_for(&app, &id, "healthy again", healthy).await;
+    let back = wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
     assert_eq!(back["quorate"], true, "{back}");
     assert_eq!(back["nodes_online"], 3, "{back}");
 }
@@ -204,22 +121,25 @@ async fn an_unreachable_proxmox_is_unhealthy_only_after_the_failure_threshold() 
     let fake = fake_pve().await;
     // A longer interval than elsewhere: between the first failure and the third there are two
     // whole intervals (800 ms) for the 20 ms polling below to see the first one.
-    let app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "400ms")
+    let app = daemon_checking_every("400ms", "1s")
         .env("PROXMOXER_MONITOR_FAILURE_THRESHOLD", "3")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "1s")
         .spawn()
         .await;
-    let id = register(&app, &fake, "goes-down").await;
+    let id = register_fake_id(&app, &fake, "goes-down").await;
 
     fake.set_down(true);
-    let first_failure = wait_for(&app, &id, "a failed check", |c| !c["last_error"].is_null()).await;
+    let first_failure = wait_for_cluster_skipping_stale(&app, &id, "a failed check", |c| {
+        !c["last_error"].is_null()
+    })
+    .await;
     assert!(
-        is(&first_failure, "healthy", "ok"),
+        has_status(&first_failure, "healthy", "ok"),
         "fewer failures than the threshold keep the last status: {first_failure}"
     );
 
-    let down = wait_for(&app, &id, "unhealthy", |c| c["status"] == "unhealthy").await;
+    let down =
+        wait_for_cluster_skipping_stale(&app, &id, "unhealthy", |c| c["status"] == "unhealthy")
+            .await;
     assert_eq!(down["status_reason"], "unreachable", "{down}");
     let error = down["last_error"].as_str().unwrap_or_default();
     assert!(!error.is_empty(), "last_error says why: {down}");
@@ -228,7 +148,7 @@ async fn an_unreachable_proxmox_is_unhealthy_only_after_the_failure_threshold() 
     assert_eq!(down["proxmox_version"], "8.4.1", "{down}");
 
     fake.set_down(false);
-    let back = wait_for(&app, &id, "healthy again", healthy).await;
+    let back = wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
     assert_eq!(back["last_error"], Value::Null, "{back}");
 }
 
@@ -236,13 +156,11 @@ async fn an_unreachable_proxmox_is_unhealthy_only_after_the_failure_threshold() 
 async fn a_proxmox_answering_5xx_is_unhealthy_after_the_threshold_and_heals_when_it_answers() {
     const THRESHOLD: u64 = 3;
     let fake = fake_pve().await;
-    let app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "400ms")
+    let app = daemon_checking_every("400ms", "1s")
         .env("PROXMOXER_MONITOR_FAILURE_THRESHOLD", THRESHOLD.to_string())
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "1s")
         .spawn()
         .await;
-    let id = register(&app, &fake, "no-quorum-500").await;
+    let id = register_fake_id(&app, &fake, "no-quorum-500").await;
 
     let baseline = fake.total_requests();
     fake.fail_all(Some((500, "cluster not ready - no quorum?")));
@@ -254,7 +172,7 @@ async fn a_proxmox_answering_5xx_is_unhealthy_after_the_threshold_and_heals_when
     let mut last = Value::Null;
     let unhealthy = wait_until(
         async || {
-            let snapshot = cluster(&app, &id).await;
+            let snapshot = fetch_cluster(&app, &id).await;
             let failed_requests = fake.total_requests() - baseline;
             let unhealthy = snapshot["status"] == "unhealthy";
             if unhealthy && failed_requests + 1 < THRESHOLD {
@@ -280,7 +198,7 @@ async fn a_proxmox_answering_5xx_is_unhealthy_after_the_threshold_and_heals_when
     );
     for snapshot in &below_threshold {
         assert!(
-            is(snapshot, "healthy", "ok"),
+            has_status(snapshot, "healthy", "ok"),
             "below the threshold the last status stays: {snapshot}"
         );
     }
@@ -293,7 +211,7 @@ async fn a_proxmox_answering_5xx_is_unhealthy_after_the_threshold_and_heals_when
     );
 
     fake.fail_all(None);
-    wait_for(&app, &id, "healthy again", healthy).await;
+    wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
 }
 
 /// Samples the cluster until `done` holds on a snapshot, then for `extra` more; returns every
@@ -308,7 +226,7 @@ async fn sample_until(
     let mut samples: Vec<Value> = Vec::new();
     let held = wait_until(
         async || {
-            let snapshot = cluster(app, id).await;
+            let snapshot = fetch_cluster(app, id).await;
             let held = done(&snapshot);
             samples.push(snapshot);
             held
@@ -324,7 +242,7 @@ async fn sample_until(
     let until = tokio::time::Instant::now() + extra;
     while tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        samples.push(cluster(app, id).await);
+        samples.push(fetch_cluster(app, id).await);
     }
     samples
 }
@@ -333,12 +251,8 @@ async fn sample_until(
 async fn a_hanging_proxmox_is_unhealthy_with_reason_timeout() {
     let fake = fake_pve().await;
     // Checks time out well within the interval, so each one completes before the next is due.
-    let app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "500ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "200ms")
-        .spawn()
-        .await;
-    let id = register(&app, &fake, "hangs").await;
+    let app = daemon_checking_every("500ms", "200ms").spawn().await;
+    let id = register_fake_id(&app, &fake, "hangs").await;
 
     fake.set_latency(Duration::from_secs(3));
     // Three more intervals after the status turns: it must stay put, never flip to unknown.
@@ -351,29 +265,25 @@ async fn a_hanging_proxmox_is_unhealthy_with_reason_timeout() {
     )
     .await;
     let last = samples.last().expect("samples");
-    assert!(is(last, "unhealthy", "timeout"), "{last}");
+    assert!(has_status(last, "unhealthy", "timeout"), "{last}");
     assert_eq!(last["last_error"], "timed out after 200ms", "{last}");
     for sample in &samples {
         assert!(
-            is(sample, "healthy", "ok") || is(sample, "unhealthy", "timeout"),
+            has_status(sample, "healthy", "ok") || has_status(sample, "unhealthy", "timeout"),
             "a monitor waiting on a timeout is neither stuck nor stale: {sample}"
         );
     }
 
     fake.set_latency(Duration::ZERO);
-    wait_for(&app, &id, "healthy again", healthy).await;
+    wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxmox_slower_than_three_intervals_settles_on_timeout_without_flapping_to_stale() {
     let fake = fake_pve().await;
     // A valid configuration: nothing requires the timeout to fit in the interval.
-    let app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "300ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "1s")
-        .spawn()
-        .await;
-    let id = register(&app, &fake, "slow-hang").await;
+    let app = daemon_checking_every("300ms", "1s").spawn().await;
+    let id = register_fake_id(&app, &fake, "slow-hang").await;
 
     fake.set_latency(Duration::from_secs(5));
     // Three more checks (each takes the 1 s timeout) after the status turns.
@@ -387,14 +297,14 @@ async fn a_proxmox_slower_than_three_intervals_settles_on_timeout_without_flappi
     .await;
     let flaps: Vec<&Value> = samples
         .iter()
-        .filter(|s| !(is(s, "healthy", "ok") || is(s, "unhealthy", "timeout")))
+        .filter(|s| !(has_status(s, "healthy", "ok") || has_status(s, "unhealthy", "timeout")))
         .collect();
     assert!(
         flaps.is_empty(),
         "the monitor kept checking, yet the cluster showed: {flaps:#?}"
     );
     let last = samples.last().expect("samples");
-    assert!(is(last, "unhealthy", "timeout"), "{last}");
+    assert!(has_status(last, "unhealthy", "timeout"), "{last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +312,7 @@ async fn an_invalidated_ticket_costs_one_login_and_the_cluster_stays_healthy() {
     let fake = fake_pve().await;
     // 300 ms: the stale window (3 intervals) is far longer than the re-login check takes.
     let app = daemon("300ms").await;
-    let id = register(&app, &fake, "relogin").await;
+    let id = register_fake_id(&app, &fake, "relogin").await;
     wait_for_fake("monitor checks", || fake.requests(STATUS_PATH) >= 3).await;
     let logins = fake.logins();
     assert_eq!(logins, 1, "the monitor reuses the registration's ticket");
@@ -412,7 +322,7 @@ async fn an_invalidated_ticket_costs_one_login_and_the_cluster_stays_healthy() {
     let mut after_relogin = None;
     let done = wait_until(
         async || {
-            samples.push(cluster(&app, &id).await);
+            samples.push(fetch_cluster(&app, &id).await);
             if fake.logins() == logins {
                 return false;
             }
@@ -429,11 +339,11 @@ async fn an_invalidated_ticket_costs_one_login_and_the_cluster_stays_healthy() {
         fake.logins()
     );
     for sample in &samples {
-        assert!(healthy(sample), "status left healthy: {sample}");
+        assert!(is_healthy(sample), "status left healthy: {sample}");
     }
     assert_eq!(fake.logins(), logins + 1, "exactly one new login");
     assert_eq!(fake.failed_logins(), 0);
-    assert!(healthy(&cluster(&app, &id).await));
+    assert!(is_healthy(&fetch_cluster(&app, &id).await));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,13 +352,13 @@ async fn a_changed_password_makes_the_cluster_unhealthy_and_failed_logins_back_o
     // the daemon's back-off stands between a changed password and a fail2ban ban.
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "rotated").await;
+    let id = register_fake_id(&app, &fake, "rotated").await;
 
     // Tickets outlive a password change on Proxmox; the daemon finds out at its next login,
     // forced here as a key rotation would force it.
     fake.set_password(DEFAULT_USER, "changed-by-someone-else");
     fake.invalidate_tickets();
-    let rejected = wait_for(&app, &id, "auth_failed", |c| {
+    let rejected = wait_for_cluster_skipping_stale(&app, &id, "auth_failed", |c| {
         c["status_reason"] == "auth_failed"
     })
     .await;
@@ -469,14 +379,14 @@ async fn a_changed_password_makes_the_cluster_unhealthy_and_failed_logins_back_o
         failed <= 5,
         "{failed} failed logins in 30 intervals ({failed_at_start} at the start): no back-off"
     );
-    wait_for(&app, &id, "still auth_failed", |c| {
-        is(c, "unhealthy", "auth_failed")
+    wait_for_cluster_skipping_stale(&app, &id, "still auth_failed", |c| {
+        has_status(c, "unhealthy", "auth_failed")
     })
     .await;
 
     // The back-off has grown to a few seconds by now; the next attempt heals.
     fake.set_password(DEFAULT_USER, DEFAULT_PASSWORD);
-    let back = wait_for(&app, &id, "healthy again", healthy).await;
+    let back = wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
     assert_eq!(back["last_error"], Value::Null, "{back}");
 }
 
@@ -484,7 +394,7 @@ async fn a_changed_password_makes_the_cluster_unhealthy_and_failed_logins_back_o
 async fn monitors_reuse_their_ticket_instead_of_logging_in_on_every_check() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "ticket-reuse").await;
+    let id = register_fake_id(&app, &fake, "ticket-reuse").await;
 
     // One request was the registration probe; at least 20 more are monitor checks.
     wait_for_fake("21 cluster/status requests", || {
@@ -499,17 +409,17 @@ async fn monitors_reuse_their_ticket_instead_of_logging_in_on_every_check() {
     );
     assert!(fake.requests(TICKET_PATH) <= 2);
     assert_eq!(fake.failed_logins(), 0);
-    wait_for(&app, &id, "healthy", healthy).await;
+    wait_for_cluster_skipping_stale(&app, &id, "healthy", is_healthy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_sys_audit_makes_the_cluster_forbidden_until_it_is_granted_again() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "auditor").await;
+    let id = register_fake_id(&app, &fake, "auditor").await;
 
     fake.deny_sys_audit(DEFAULT_USER);
-    let denied = wait_for(&app, &id, "forbidden", |c| {
+    let denied = wait_for_cluster_skipping_stale(&app, &id, "forbidden", |c| {
         c["status_reason"] == "forbidden"
     })
     .await;
@@ -521,14 +431,14 @@ async fn losing_sys_audit_makes_the_cluster_forbidden_until_it_is_granted_again(
     );
 
     fake.grant_sys_audit(DEFAULT_USER);
-    wait_for(&app, &id, "healthy again", healthy).await;
+    wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_cluster_stops_its_monitor() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "to-delete").await;
+    let id = register_fake_id(&app, &fake, "to-delete").await;
     wait_for_fake("monitor checks", || fake.requests(STATUS_PATH) >= 4).await;
 
     assert_eq!(
@@ -560,7 +470,7 @@ async fn a_restarted_daemon_resumes_monitoring_every_cluster() {
     let fakes = [fake_pve().await, fake_pve().await, fake_pve().await];
     let mut ids = Vec::new();
     for (index, fake) in fakes.iter().enumerate() {
-        ids.push(register(&app, fake, &format!("resume-{index}")).await);
+        ids.push(register_fake_id(&app, fake, &format!("resume-{index}")).await);
     }
     for fake in &fakes {
         wait_for_fake("monitor checks", || fake.requests(STATUS_PATH) >= 3).await;
@@ -570,18 +480,18 @@ async fn a_restarted_daemon_resumes_monitoring_every_cluster() {
     app.restart().await;
     // The old process has exited: every request counted from here on is the new one's.
     let checks_at_restart: Vec<u64> = fakes.iter().map(|f| f.requests(STATUS_PATH)).collect();
-    let list: Value = app.get_clusters().await.json().await.expect("list JSON");
+    let list = list_clusters(&app).await;
     assert_eq!(list["total"], 3, "{list}");
     for listed in list["clusters"].as_array().expect("clusters array") {
         // Nothing is known until the new monitor reports, which may already have happened.
         assert!(
-            is(listed, "unknown", "not_checked") || is(listed, "healthy", "ok"),
+            has_status(listed, "unknown", "not_checked") || has_status(listed, "healthy", "ok"),
             "{listed}"
         );
     }
 
     for ((id, fake), checks) in ids.iter().zip(&fakes).zip(&checks_at_restart) {
-        wait_for(&app, id, "healthy after the restart", healthy).await;
+        wait_for_cluster_skipping_stale(&app, id, "healthy after the restart", is_healthy).await;
         wait_for_fake("checks after the restart", || {
             fake.requests(STATUS_PATH) >= checks + 2
         })
@@ -603,7 +513,7 @@ async fn a_restarted_daemon_resumes_monitoring_every_cluster() {
 async fn a_proxmox_upgrade_shows_after_the_next_login() {
     let fake = fake_pve().await;
     let app = daemon("100ms").await;
-    let id = register(&app, &fake, "upgrade").await;
+    let id = register_fake_id(&app, &fake, "upgrade").await;
     let before = wait_for_a_later_second(&app, &id).await;
     assert_eq!(before["proxmox_version"], "8.4.1", "{before}");
     let version_reads = fake.requests(VERSION_PATH);
@@ -611,13 +521,13 @@ async fn a_proxmox_upgrade_shows_after_the_next_login() {
     // An upgrade restarts pveproxy and rotates its key, which voids every ticket.
     fake.set_version("9.0.3");
     fake.invalidate_tickets();
-    let upgraded = wait_for(&app, &id, "version 9.0.3", |c| {
+    let upgraded = wait_for_cluster_skipping_stale(&app, &id, "version 9.0.3", |c| {
         c["proxmox_version"] == "9.0.3"
     })
     .await;
-    assert!(healthy(&upgraded), "{upgraded}");
+    assert!(is_healthy(&upgraded), "{upgraded}");
     assert!(
-        at(&upgraded, "updated_at") > at(&before, "updated_at"),
+        timestamp(&upgraded, "updated_at") > timestamp(&before, "updated_at"),
         "updated_at moves with the version: {before} then {upgraded}"
     );
     assert!(fake.requests(VERSION_PATH) > version_reads);
@@ -631,28 +541,25 @@ async fn status_changes_are_logged_with_the_cluster_name_and_the_password_never_
     let fake = fake_pve().await;
     fake.add_user(USER, PASSWORD);
     let app = daemon("100ms").await;
-    let id = register_with(
-        &app,
-        &json!({
-            "name": NAME,
-            "api_endpoint": fake.url(),
-            "username": USER,
-            "password": PASSWORD,
-        }),
-    )
-    .await;
+    let body = json!({
+        "name": NAME,
+        "api_endpoint": fake.url(),
+        "username": USER,
+        "password": PASSWORD,
+    });
+    let id = id_of(&register(&app, &body).await);
 
     fake.set_node_online("pve2", false);
-    wait_for(&app, &id, "degraded", |c| c["status"] == "degraded").await;
+    wait_for_cluster_skipping_stale(&app, &id, "degraded", |c| c["status"] == "degraded").await;
     fake.set_node_online("pve2", true);
-    wait_for(&app, &id, "healthy again", healthy).await;
+    wait_for_cluster_skipping_stale(&app, &id, "healthy again", is_healthy).await;
     // A re-login and a rejected login: the paths that handle the password.
     let logins = fake.logins();
     fake.invalidate_tickets();
     wait_for_fake("a re-login", || fake.logins() > logins).await;
     fake.set_password(USER, "rotated");
     fake.invalidate_tickets();
-    wait_for(&app, &id, "auth_failed", |c| {
+    wait_for_cluster_skipping_stale(&app, &id, "auth_failed", |c| {
         c["status_reason"] == "auth_failed"
     })
     .await;
@@ -686,12 +593,8 @@ async fn status_changes_are_logged_with_the_cluster_name_and_the_password_never_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_results_survive_a_crash_and_the_status_is_rechecked_after_restart() {
     let fake = fake_pve().await;
-    let mut app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "100ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "5s")
-        .spawn()
-        .await;
-    let id = register(&app, &fake, "persisted").await;
+    let mut app = daemon_checking_every("100ms", "5s").spawn().await;
+    let id = register_fake_id(&app, &fake, "persisted").await;
 
     // A fourth node joins while offline, and Proxmox is upgraded (seen after the next login).
     fake.set_cluster(
@@ -705,7 +608,7 @@ async fn monitor_results_survive_a_crash_and_the_status_is_rechecked_after_resta
     );
     fake.set_version("9.0.3");
     fake.invalidate_tickets();
-    let seen = wait_for(&app, &id, "degraded with 4 nodes on 9.0.3", |c| {
+    let seen = wait_for_cluster_skipping_stale(&app, &id, "degraded with 4 nodes on 9.0.3", |c| {
         c["status"] == "degraded"
             && c["node_count"] == 4
             && c["nodes_online"] == 3
@@ -721,8 +624,8 @@ async fn monitor_results_survive_a_crash_and_the_status_is_rechecked_after_resta
     // Slow answers keep the first check after the restart from completing for a while.
     fake.set_latency(Duration::from_secs(2));
     app.restart().await;
-    let loaded = cluster(&app, &id).await;
-    assert!(is(&loaded, "unknown", "not_checked"), "{loaded}");
+    let loaded = fetch_cluster(&app, &id).await;
+    assert!(has_status(&loaded, "unknown", "not_checked"), "{loaded}");
     assert_eq!(loaded["node_count"], 4, "{loaded}");
     assert_eq!(loaded["nodes_online"], 3, "{loaded}");
     assert_eq!(loaded["quorate"], true, "{loaded}");
@@ -733,7 +636,8 @@ async fn monitor_results_survive_a_crash_and_the_status_is_rechecked_after_resta
     // The status now comes from the live Proxmox, where the fourth node is up.
     fake.set_latency(Duration::ZERO);
     fake.set_node_online("pve4", true);
-    let live = wait_for(&app, &id, "healthy from the live fake", healthy).await;
+    let live =
+        wait_for_cluster_skipping_stale(&app, &id, "healthy from the live fake", is_healthy).await;
     assert_eq!(live["node_count"], 4, "{live}");
     assert_eq!(live["nodes_online"], 4, "{live}");
 }

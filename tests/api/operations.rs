@@ -19,77 +19,10 @@ use serde_json::{Value, json};
 use tokio::net::UnixDatagram;
 
 use crate::fake_pve::FakePve;
-use crate::helpers::{TestApp, TestAppBuilder, register_body, wait_until};
-
-/// Bound for every wait on a condition, an event or a notification; generous for noisy CI.
-const WAIT: Duration = Duration::from_secs(15);
-/// pveproxy's 401s come 3 s late; nothing here is about that delay.
-const SHORT_AUTH_DELAY: Duration = Duration::from_millis(50);
-const STATUS_PATH: &str = "/api2/json/cluster/status";
-
-/// A builder for a daemon that checks every 100 ms with a 2 s Proxmox timeout.
-fn fast_daemon() -> TestAppBuilder {
-    TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "100ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "2s")
-}
-
-async fn fake_pve() -> FakePve {
-    let fake = FakePve::start().await;
-    fake.set_auth_failure_delay(SHORT_AUTH_DELAY);
-    fake
-}
-
-/// The status and JSON body of a response.
-async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let text = response.text().await.expect("read the response body");
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("a {status} response is not JSON ({e}): {text:?}"));
-    (status, body)
-}
-
-/// Registers `fake` as `name`; expects 201 and returns the Cluster object.
-async fn register(app: &TestApp, fake: &FakePve, name: &str) -> Value {
-    let (status, cluster) = json_of(app.post_clusters(&register_body(fake, name)).await).await;
-    assert_eq!(status, StatusCode::CREATED, "register {name}: {cluster}");
-    assert_eq!(cluster["status"], "healthy", "{cluster}");
-    cluster
-}
-
-fn id_of(cluster: &Value) -> String {
-    cluster["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("the cluster has a string id: {cluster}"))
-        .to_owned()
-}
-
-/// `GET /api/v1/clusters/{id}`, which must answer 200.
-async fn cluster(app: &TestApp, id: &str) -> Value {
-    let (status, body) = json_of(app.get_cluster(id).await).await;
-    assert_eq!(status, StatusCode::OK, "GET cluster {id}: {body}");
-    body
-}
-
-/// Polls the cluster until `condition` holds and returns that snapshot; panics after [`WAIT`].
-async fn wait_for_cluster(
-    app: &TestApp,
-    id: &str,
-    what: &str,
-    mut condition: impl FnMut(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let held = wait_until(
-        async || {
-            last = cluster(app, id).await;
-            condition(&last)
-        },
-        WAIT,
-    )
-    .await;
-    assert!(held, "timed out waiting for {what}; last seen: {last:#}");
-    last
-}
+use crate::helpers::{
+    STATUS_PATH, TestApp, WAIT, fake_pve, fast_daemon, fetch_cluster, id_of, json_of,
+    register_body, register_fake, register_fake_id, wait_for_cluster, wait_until,
+};
 
 /// Waits until the fake has answered `checks` more cluster-status calls, i.e. the monitor has
 /// run that many more checks.
@@ -278,7 +211,7 @@ async fn an_event_stream_sees_a_cluster_registered_degraded_and_deregistered() {
         app.post_clusters(&wrong).await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let created = register(&app, &fake, "events").await;
+    let created = register_fake(&app, &fake, "events").await;
     let id = id_of(&created);
     let registered = stream.expect("cluster.registered").await;
     assert_eq!(
@@ -311,7 +244,7 @@ async fn a_client_resuming_with_last_event_id_gets_what_it_missed_then_live_even
     let fake = fake_pve().await;
     let app = fast_daemon().spawn().await;
     let mut stream = EventStream::connect(&app, None).await;
-    let id = id_of(&register(&app, &fake, "resume").await);
+    let id = register_fake_id(&app, &fake, "resume").await;
     let first = stream.expect("cluster.registered").await;
     wait_for_checks(&fake, 1).await;
     fake.set_node_online("pve2", false);
@@ -333,7 +266,7 @@ async fn a_client_resuming_with_last_event_id_gets_what_it_missed_then_live_even
     assert_eq!(resumed.next().await.as_ref(), Some(&third));
     // Then the live feed, with ids still increasing.
     fake.set_node_online("pve2", true);
-    let again = register(&app, &fake, "resume").await;
+    let again = register_fake(&app, &fake, "resume").await;
     let live = resumed.expect("cluster.registered").await;
     assert_eq!(live.json(), again);
     assert_increasing(&[&first, &second, &third, &live]);
@@ -363,7 +296,7 @@ async fn a_last_event_id_that_was_never_issued_gets_a_resync_first() {
         "resync says why in a JSON reason: {resync:?}"
     );
     // The stream goes on with live events.
-    let created = register(&app, &fake, "resync").await;
+    let created = register_fake(&app, &fake, "resync").await;
     let registered = stream.expect("cluster.registered").await;
     assert_eq!(registered.json(), created);
 
@@ -384,7 +317,7 @@ async fn a_last_event_id_that_is_not_a_number_gets_a_resync_first() {
     let app = fast_daemon().spawn().await;
     for never_issued in ["not-a-number", "18446744073709551616", "-5"] {
         let mut stream = EventStream::connect(&app, Some(never_issued)).await;
-        let created = register(&app, &fake, never_issued).await;
+        let created = register_fake(&app, &fake, never_issued).await;
         let first = stream.next().await.expect("an event");
         assert_eq!(
             first.kind(),
@@ -406,7 +339,7 @@ async fn an_update_is_sent_when_a_shown_field_changes_while_the_status_stays() {
     fake.set_cluster("big", &nodes.map(|n| (n, true)));
     let app = fast_daemon().spawn().await;
     let mut stream = EventStream::connect(&app, None).await;
-    let id = id_of(&register(&app, &fake, "five-nodes").await);
+    let id = register_fake_id(&app, &fake, "five-nodes").await;
     let registered = stream.expect("cluster.registered").await;
 
     fake.set_node_online("pve5", false);
@@ -449,7 +382,7 @@ async fn after_a_restart_an_old_last_event_id_gets_a_resync_and_new_ids_are_larg
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
     let mut stream = EventStream::connect(&app, None).await;
-    let id = id_of(&register(&app, &fake, "restarted").await);
+    let id = register_fake_id(&app, &fake, "restarted").await;
     let before = stream.expect("cluster.registered").await;
     drop(stream);
 
@@ -478,7 +411,7 @@ async fn sigterm_ends_open_event_streams_and_the_daemon_exits_cleanly() {
         .await;
     let mut stream = EventStream::connect(&app, None).await;
     let mut idle = EventStream::connect(&app, None).await;
-    register(&app, &fake, "sigterm").await;
+    register_fake(&app, &fake, "sigterm").await;
     stream.expect("cluster.registered").await;
 
     let status = app.terminate().await;
@@ -561,7 +494,7 @@ fn step(from: &str, to: &str, reason: &str) -> (String, String, String) {
 async fn history_records_registration_and_status_changes_and_survives_a_restart() {
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
-    let created = register(&app, &fake, "history").await;
+    let created = register_fake(&app, &fake, "history").await;
     let id = id_of(&created);
 
     let first = transitions(&app, &id).await;
@@ -609,7 +542,7 @@ async fn history_records_registration_and_status_changes_and_survives_a_restart(
 async fn a_registration_is_in_the_history_even_after_a_crash() {
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
-    let created = register(&app, &fake, "crash").await;
+    let created = register_fake(&app, &fake, "crash").await;
     let id = id_of(&created);
     app.kill9().await;
     app.restart().await;
@@ -629,7 +562,7 @@ async fn a_registration_is_in_the_history_even_after_a_crash() {
 async fn a_status_change_survives_a_crash_once_the_flush_interval_has_passed() {
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
-    let id = id_of(&register(&app, &fake, "flushed").await);
+    let id = register_fake_id(&app, &fake, "flushed").await;
     fake.set_node_online("pve3", false);
     let degraded = wait_for_cluster(&app, &id, "degraded", |c| c["status"] == "degraded").await;
     let before = transitions(&app, &id).await;
@@ -667,7 +600,7 @@ async fn history_of_an_unknown_or_deleted_cluster_is_not_found_and_a_new_one_sta
         assert_error(status, &body, StatusCode::NOT_FOUND, "Cluster not found");
     }
 
-    let old = id_of(&register(&app, &fake, "reused").await);
+    let old = register_fake_id(&app, &fake, "reused").await;
     fake.set_node_online("pve3", false);
     wait_for_cluster(&app, &old, "degraded", |c| c["status"] == "degraded").await;
     assert_eq!(transitions(&app, &old).await.len(), 2);
@@ -679,7 +612,7 @@ async fn history_of_an_unknown_or_deleted_cluster_is_not_found_and_a_new_one_sta
     assert_error(status, &body, StatusCode::NOT_FOUND, "Cluster not found");
 
     fake.set_node_online("pve3", true);
-    let new = id_of(&register(&app, &fake, "reused").await);
+    let new = register_fake_id(&app, &fake, "reused").await;
     assert_ne!(new, old);
     assert_eq!(
         steps(&transitions(&app, &new).await),
@@ -854,10 +787,10 @@ async fn wait_for_scrape(
 async fn metrics_expose_cluster_gauges_checks_logins_and_requests_by_route_template() {
     let fake = fake_pve().await;
     let app = fast_daemon().spawn().await;
-    let a = id_of(&register(&app, &fake, "metrics-a").await);
+    let a = register_fake_id(&app, &fake, "metrics-a").await;
     let odd_name = r#"say "hi" \ bye"#;
-    let b = id_of(&register(&app, &fake, odd_name).await);
-    cluster(&app, &a).await;
+    let b = register_fake_id(&app, &fake, odd_name).await;
+    fetch_cluster(&app, &a).await;
     let (status, _) = history(&app, &a).await;
     assert_eq!(status, StatusCode::OK);
     let mut wrong = register_body(&fake, "metrics-wrong-password");
@@ -1012,7 +945,7 @@ async fn metrics_expose_cluster_gauges_checks_logins_and_requests_by_route_templ
 async fn failed_checks_are_counted_by_the_reason_the_cluster_shows() {
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
-    let id = id_of(&register(&app, &fake, "failing").await);
+    let id = register_fake_id(&app, &fake, "failing").await;
 
     fake.set_down(true);
     let down = wait_for_cluster(&app, &id, "unhealthy", |c| c["status"] == "unhealthy").await;
@@ -1417,7 +1350,7 @@ async fn with_json_log_format_every_line_on_stderr_is_a_json_object() {
         .env("PROXMOXER_LOG_FORMAT", "json")
         .spawn()
         .await;
-    let id = id_of(&register(&app, &fake, "json-logs").await);
+    let id = register_fake_id(&app, &fake, "json-logs").await;
     let mut wrong = register_body(&fake, "json-wrong-password");
     wrong["password"] = json!("not-the-password");
     assert_eq!(
@@ -1558,7 +1491,7 @@ async fn systemd_is_told_when_the_daemon_is_ready_and_when_it_stops() {
         Some("0 clusters: 0 healthy, 0 degraded, 0 unhealthy, 0 unknown"),
         "{ready:?}"
     );
-    register(&app, &fake, "notify").await;
+    register_fake(&app, &fake, "notify").await;
 
     // A restart stops (STOPPING=1) and becomes ready again with the loaded cluster.
     app.restart().await;
@@ -1594,7 +1527,7 @@ async fn with_a_systemd_watchdog_the_daemon_pings_it_with_a_fresh_status() {
             .wait_for("WATCHDOG=1", |m| has_line(m, "WATCHDOG=1"))
             .await;
     }
-    register(&app, &fake, "watchdog").await;
+    register_fake(&app, &fake, "watchdog").await;
     let ping = notify
         .wait_for("a watchdog ping counting the new cluster", |m| {
             has_line(m, "WATCHDOG=1")
@@ -1811,7 +1744,7 @@ async fn the_daemon_uses_a_key_made_by_generate_key() {
         .env("PROXMOXER_KEY_FILE", key.display().to_string())
         .spawn()
         .await;
-    let id = id_of(&register(&app, &fake, "sealed").await);
+    let id = register_fake_id(&app, &fake, "sealed").await;
     app.restart().await;
     wait_for_cluster(&app, &id, "healthy after the restart", |c| {
         c["status"] == "healthy"

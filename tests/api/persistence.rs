@@ -8,17 +8,13 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::FakePve;
-use crate::helpers::{TestApp, register_body, wait_until};
-
-async fn register(app: &TestApp, body: &Value) -> Value {
-    let response = app.post_clusters(body).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.expect("JSON")
-}
+use crate::helpers::{
+    TestApp, fetch_cluster, id_of, list_clusters, register, register_body, register_fake,
+    wait_until,
+};
 
 async fn list(app: &TestApp) -> Vec<Value> {
-    let body: Value = app.get_clusters().await.json().await.expect("JSON");
-    body["clusters"]
+    list_clusters(app).await["clusters"]
         .as_array()
         .cloned()
         .expect("clusters array")
@@ -37,19 +33,14 @@ fn identity(cluster: &Value) -> (Value, Value, Value, Value) {
 async fn a_restart_keeps_every_cluster() {
     let fake = FakePve::start().await;
     let mut app = TestApp::spawn().await;
-    let first = register(&app, &register_body(&fake, "first")).await;
-    let second = register(&app, &register_body(&fake, "second")).await;
+    let first = register_fake(&app, &fake, "first").await;
+    let second = register_fake(&app, &fake, "second").await;
 
     app.restart().await;
 
     let after: Vec<_> = list(&app).await.iter().map(identity).collect();
     assert_eq!(after, vec![identity(&second), identity(&first)]);
-    let fetched: Value = app
-        .get_cluster(first["id"].as_str().expect("id"))
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let fetched = fetch_cluster(&app, &id_of(&first)).await;
     assert_eq!(fetched["proxmox_version"], "8.4.1");
     assert_eq!(fetched["node_count"], 3);
     assert!(
@@ -62,11 +53,9 @@ async fn a_restart_keeps_every_cluster() {
 async fn a_crash_loses_nothing_that_was_acknowledged() {
     let fake = FakePve::start().await;
     let mut app = TestApp::spawn().await;
-    let kept = register(&app, &register_body(&fake, "kept")).await;
-    let removed = register(&app, &register_body(&fake, "removed")).await;
-    let response = app
-        .delete_cluster(removed["id"].as_str().expect("id"))
-        .await;
+    let kept = register_fake(&app, &fake, "kept").await;
+    let removed = register_fake(&app, &fake, "removed").await;
+    let response = app.delete_cluster(id_of(&removed)).await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 
     // No grace: SIGKILL right after the acknowledgements.
@@ -81,7 +70,7 @@ async fn a_crash_loses_nothing_that_was_acknowledged() {
 async fn a_second_daemon_on_the_same_database_fails_and_changes_nothing() {
     let fake = FakePve::start().await;
     let app = TestApp::spawn().await;
-    register(&app, &register_body(&fake, "prod")).await;
+    register_fake(&app, &fake, "prod").await;
     let db_before = std::fs::read(app.db_path()).expect("read database");
     let key_before = std::fs::read(app.key_path()).expect("read key");
 
@@ -166,7 +155,7 @@ async fn the_database_and_key_are_private_files() {
 async fn a_missing_key_stops_the_daemon_and_no_new_key_is_made() {
     let fake = FakePve::start().await;
     let mut app = TestApp::spawn().await;
-    register(&app, &register_body(&fake, "prod")).await;
+    register_fake(&app, &fake, "prod").await;
     app.terminate().await;
     std::fs::remove_file(app.key_path()).expect("remove key");
 
@@ -185,7 +174,7 @@ async fn a_missing_key_stops_the_daemon_and_no_new_key_is_made() {
 async fn another_key_stops_the_daemon() {
     let fake = FakePve::start().await;
     let mut app = TestApp::spawn().await;
-    register(&app, &register_body(&fake, "prod")).await;
+    register_fake(&app, &fake, "prod").await;
     app.terminate().await;
     let other_key = "ab".repeat(32);
     std::fs::write(app.key_path(), format!("{other_key}\n")).expect("replace key");
@@ -249,7 +238,7 @@ async fn a_configuration_file_is_honoured() {
         ))
         .spawn()
         .await;
-    register(&app, &register_body(&fake, "prod")).await;
+    register_fake(&app, &fake, "prod").await;
     assert!(database.exists());
     let before = fake.requests("/api2/json/cluster/status");
     assert!(

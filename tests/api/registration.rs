@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
-use crate::helpers::{TestApp, register_body};
+use crate::helpers::{TestApp, cluster_count, register_body, register_body_at, register_fake_id};
 
 /// Asserts the specification's error shape and returns the body.
 async fn expect_error(
@@ -32,11 +32,6 @@ async fn expect_error(
         "{body}"
     );
     body
-}
-
-async fn cluster_count(app: &TestApp) -> u64 {
-    let body: Value = app.get_clusters().await.json().await.expect("list is JSON");
-    body["total"].as_u64().expect("total is a number")
 }
 
 fn is_rfc3339_utc_seconds(value: &Value) -> bool {
@@ -253,12 +248,7 @@ async fn proxmox_failures_are_502_with_the_reason() {
         addr
     };
     let response = app
-        .post_clusters(&json!({
-            "name": "refused",
-            "api_endpoint": format!("http://{refused}"),
-            "username": DEFAULT_USER,
-            "password": DEFAULT_PASSWORD,
-        }))
+        .post_clusters(&register_body_at(&format!("http://{refused}"), "refused"))
         .await;
     let body = expect_error(
         response,
@@ -270,12 +260,7 @@ async fn proxmox_failures_are_502_with_the_reason() {
     assert_eq!(body["details"]["reason"], "connection refused", "{body}");
 
     let response = app
-        .post_clusters(&json!({
-            "name": "no-dns",
-            "api_endpoint": "https://pve.invalid:8006",
-            "username": DEFAULT_USER,
-            "password": DEFAULT_PASSWORD,
-        }))
+        .post_clusters(&register_body_at("https://pve.invalid:8006", "no-dns"))
         .await;
     expect_error(
         response,
@@ -627,15 +612,7 @@ async fn unknown_clusters_routes_and_methods_are_json_errors() {
         "Method not allowed",
     )
     .await;
-    let id = app
-        .post_clusters(&register_body(&fake, "prod"))
-        .await
-        .json::<Value>()
-        .await
-        .expect("JSON")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = register_fake_id(&app, &fake, "prod").await;
     let response = app
         .client
         .post(app.api_url(&format!("/clusters/{id}")))
@@ -655,26 +632,20 @@ async fn unknown_clusters_routes_and_methods_are_json_errors() {
 async fn deleting_a_cluster_is_204_with_an_empty_body_then_404() {
     let fake = FakePve::start().await;
     let app = TestApp::spawn().await;
-    let cluster: Value = app
-        .post_clusters(&register_body(&fake, "prod"))
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let id = cluster["id"].as_str().expect("id");
+    let id = register_fake_id(&app, &fake, "prod").await;
 
-    let response = app.delete_cluster(id).await;
+    let response = app.delete_cluster(&id).await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     assert!(response.bytes().await.expect("body").is_empty());
     expect_error(
-        app.get_cluster(id).await,
+        app.get_cluster(&id).await,
         StatusCode::NOT_FOUND,
         "NotFound",
         "Cluster not found",
     )
     .await;
     expect_error(
-        app.delete_cluster(id).await,
+        app.delete_cluster(&id).await,
         StatusCode::NOT_FOUND,
         "NotFound",
         "Cluster not found",

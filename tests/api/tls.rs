@@ -11,40 +11,24 @@
 use std::process::Output;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
-use crate::helpers::{TestApp, TestAppBuilder, wait_until};
+use crate::helpers::{
+    STATUS_PATH, TICKET_PATH, TestApp, TestAppBuilder, WAIT, assert_status_read_with_token,
+    cluster_count, daemon_checking_every, fast_daemon, fetch_cluster, has_status, id_of,
+    is_healthy, list_clusters, register, register_body, register_body_at, register_fake,
+    register_fake_id, timestamp, tls_fake, wait_for_cluster_skipping_stale, wait_until,
+};
 
-const STATUS_PATH: &str = "/api2/json/cluster/status";
-const TICKET_PATH: &str = "/api2/json/access/ticket";
 const TOKEN_USER: &str = "monitor@pve";
 const TOKEN_NAME: &str = "monitoring";
 const TOKEN_SECRET: &str = "5d7c1f0e-aaaa-4bbb-8ccc-1234567890ab";
 /// A well-formed fingerprint no fake ever presents.
 const FOREIGN_FINGERPRINT: &str = "3A:9F:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:BA";
-/// Bound for every wait on a condition; generous because CI machines are noisy.
-const WAIT: Duration = Duration::from_secs(15);
-/// Keeps rejected logins from taking pveproxy's 3 s, which no test here is about.
-const SHORT_AUTH_DELAY: Duration = Duration::from_millis(50);
 
 // --- helpers ------------------------------------------------------------------------------------
-
-/// An HTTPS fake Proxmox with a certificate made for this test.
-async fn tls_fake() -> FakePve {
-    let fake = FakePve::start_tls().await;
-    fake.set_auth_failure_delay(SHORT_AUTH_DELAY);
-    fake
-}
-
-/// A daemon builder checking every 100 ms with a 2 s Proxmox timeout.
-fn fast() -> TestAppBuilder {
-    TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "100ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "2s")
-}
 
 /// Writes the fake's cluster CA (`pve-root-ca.pem`) into the daemon's data directory and points
 /// `PROXMOXER_TLS_CA_FILE` at it.
@@ -54,19 +38,9 @@ fn trusting_ca(builder: TestAppBuilder, fake: &FakePve) -> TestAppBuilder {
     builder.env("PROXMOXER_TLS_CA_FILE", path.display().to_string())
 }
 
-/// The default credentials for `fake`, registered as `name` at `endpoint`.
-fn body_at(endpoint: &str, name: &str) -> Value {
-    json!({
-        "name": name,
-        "api_endpoint": endpoint,
-        "username": DEFAULT_USER,
-        "password": DEFAULT_PASSWORD,
-    })
-}
-
 /// The default credentials for `fake` with `fingerprint` pinned.
 fn pinned_body(fake: &FakePve, name: &str, fingerprint: &str) -> Value {
-    let mut body = body_at(&fake.url(), name);
+    let mut body = register_body(fake, name);
     body["fingerprint"] = json!(fingerprint);
     body
 }
@@ -86,20 +60,6 @@ fn pinned_token_body(fake: &FakePve, name: &str, fingerprint: &str) -> Value {
 /// How PDM and some tools show a fingerprint: lower case, no colons.
 fn bare_lowercase(fingerprint: &str) -> String {
     fingerprint.replace(':', "").to_lowercase()
-}
-
-/// Registers with `body`, expects `201` and a healthy cluster, returns the Cluster object.
-async fn register(app: &TestApp, body: &Value) -> Value {
-    let response = app.post_clusters(body).await;
-    let status = response.status();
-    let cluster: Value = response.json().await.expect("registration answers JSON");
-    assert_eq!(status, StatusCode::CREATED, "{body} -> {cluster}");
-    assert_eq!(cluster["status"], "healthy", "{cluster}");
-    cluster
-}
-
-fn id_of(cluster: &Value) -> String {
-    cluster["id"].as_str().expect("id is a string").to_owned()
 }
 
 /// Expects `502 {"code":"BadGateway","message":"Failed to connect to Proxmox",...}` and returns
@@ -123,65 +83,6 @@ async fn expect_fingerprint_rejected(response: reqwest::Response, message: &str,
     assert_eq!(body["details"]["field"], "fingerprint", "{sent} -> {body}");
 }
 
-async fn cluster_count(app: &TestApp) -> u64 {
-    let list: Value = app.get_clusters().await.json().await.expect("list JSON");
-    list["total"].as_u64().expect("total is a number")
-}
-
-/// `GET /api/v1/clusters/{id}`, which must be 200.
-async fn cluster(app: &TestApp, id: &str) -> Value {
-    let response = app.get_cluster(id).await;
-    let status = response.status();
-    let body: Value = response.json().await.expect("cluster is JSON");
-    assert_eq!(status, StatusCode::OK, "GET cluster {id}: {body}");
-    body
-}
-
-/// Polls the cluster until `condition` holds and returns that snapshot; panics with the last
-/// one after [`WAIT`]. Snapshots showing `stale` never match: a loaded machine can delay a
-/// 100 ms check past the 3-interval stale window, and no test here is about that.
-async fn wait_for(
-    app: &TestApp,
-    id: &str,
-    what: &str,
-    mut condition: impl FnMut(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let held = wait_until(
-        async || {
-            let snapshot = cluster(app, id).await;
-            let done = snapshot["status_reason"] != "stale" && condition(&snapshot);
-            last = snapshot;
-            done
-        },
-        WAIT,
-    )
-    .await;
-    assert!(
-        held,
-        "timed out after {WAIT:?} waiting for {what}; last seen: {last:#}"
-    );
-    last
-}
-
-/// A timestamp field of a Cluster object.
-fn at(cluster: &Value, field: &str) -> DateTime<Utc> {
-    let text = cluster[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is a timestamp: {cluster}"));
-    DateTime::parse_from_rfc3339(text)
-        .unwrap_or_else(|e| panic!("{field} is RFC 3339 ({e}): {cluster}"))
-        .with_timezone(&Utc)
-}
-
-fn is(cluster: &Value, status: &str, reason: &str) -> bool {
-    cluster["status"] == status && cluster["status_reason"] == reason
-}
-
-fn healthy(cluster: &Value) -> bool {
-    is(cluster, "healthy", "ok") && cluster["last_error"].is_null()
-}
-
 /// Waits until the fake has answered `more` further cluster status reads (monitor checks),
 /// asserting that the cluster showed healthy all along and still does.
 async fn stays_healthy_over_checks(app: &TestApp, fake: &FakePve, id: &str, more: u64) {
@@ -189,7 +90,7 @@ async fn stays_healthy_over_checks(app: &TestApp, fake: &FakePve, id: &str, more
     let mut samples = Vec::new();
     let done = wait_until(
         async || {
-            samples.push(cluster(app, id).await);
+            samples.push(fetch_cluster(app, id).await);
             fake.requests(STATUS_PATH) >= start + more
         },
         WAIT,
@@ -201,11 +102,12 @@ async fn stays_healthy_over_checks(app: &TestApp, fake: &FakePve, id: &str, more
         start,
         fake.requests(STATUS_PATH)
     );
-    let last = wait_for(app, id, "healthy after the checks", healthy).await;
+    let last =
+        wait_for_cluster_skipping_stale(app, id, "healthy after the checks", is_healthy).await;
     assert!(!last["last_checked_at"].is_null(), "{last}");
     for sample in &samples {
         assert!(
-            healthy(sample) || sample["status_reason"] == "stale",
+            is_healthy(sample) || sample["status_reason"] == "stale",
             "left healthy while checking: {sample}"
         );
     }
@@ -239,7 +141,7 @@ fn describe(output: &Output) -> String {
 async fn a_pinned_fingerprint_in_the_gui_form_registers_and_the_cluster_is_monitored_healthy() {
     let fake = tls_fake().await;
     let fingerprint = fake.certificate_fingerprint();
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
 
     let created = register(&app, &pinned_body(&fake, "pinned", &fingerprint)).await;
     assert_eq!(created["fingerprint"], fingerprint.as_str(), "{created}");
@@ -250,9 +152,9 @@ async fn a_pinned_fingerprint_in_the_gui_form_registers_and_the_cluster_is_monit
     let id = id_of(&created);
 
     stays_healthy_over_checks(&app, &fake, &id, 5).await;
-    let shown = cluster(&app, &id).await;
+    let shown = fetch_cluster(&app, &id).await;
     assert_eq!(shown["fingerprint"], fingerprint.as_str(), "{shown}");
-    let list: Value = app.get_clusters().await.json().await.expect("list JSON");
+    let list = list_clusters(&app).await;
     assert_eq!(
         list["clusters"][0]["fingerprint"],
         fingerprint.as_str(),
@@ -267,7 +169,7 @@ async fn a_pinned_fingerprint_in_the_gui_form_registers_and_the_cluster_is_monit
 async fn a_pin_is_accepted_in_any_case_with_or_without_colons_and_shown_in_the_gui_form() {
     let fake = tls_fake().await;
     let fingerprint = fake.certificate_fingerprint();
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
 
     let forms = [
         ("lower-bare", bare_lowercase(&fingerprint)),
@@ -280,15 +182,15 @@ async fn a_pin_is_accepted_in_any_case_with_or_without_colons_and_shown_in_the_g
         assert_eq!(created["fingerprint"], fingerprint.as_str(), "{form}");
         let id = id_of(&created);
         assert_eq!(
-            cluster(&app, &id).await["fingerprint"],
+            fetch_cluster(&app, &id).await["fingerprint"],
             fingerprint.as_str()
         );
         ids.push(id);
     }
     // The pin applies at every check too, whichever form it was given in.
     for id in &ids {
-        wait_for(&app, id, "a healthy check", |c| {
-            healthy(c) && !c["last_checked_at"].is_null()
+        wait_for_cluster_skipping_stale(&app, id, "a healthy check", |c| {
+            is_healthy(c) && !c["last_checked_at"].is_null()
         })
         .await;
     }
@@ -298,14 +200,14 @@ async fn a_pin_is_accepted_in_any_case_with_or_without_colons_and_shown_in_the_g
 async fn a_pin_is_trusted_whichever_host_name_the_endpoint_uses() {
     let fake = tls_fake().await;
     let fingerprint = fake.certificate_fingerprint();
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
     let port = fake.addr().port();
 
     for (name, endpoint) in [
         ("by-name", format!("https://localhost:{port}")),
         ("by-address", format!("https://127.0.0.1:{port}")),
     ] {
-        let mut body = body_at(&endpoint, name);
+        let mut body = register_body_at(&endpoint, name);
         body["fingerprint"] = json!(fingerprint);
         let created = register(&app, &body).await;
         assert_eq!(created["api_endpoint"], endpoint.as_str(), "{created}");
@@ -319,7 +221,7 @@ async fn a_pinned_self_signed_node_certificate_is_trusted_without_any_chain() {
     // Regenerated by hand: signed by nobody the daemon could know.
     fake.replace_with_self_signed();
     let fingerprint = fake.certificate_fingerprint();
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
 
     let created = register(&app, &pinned_body(&fake, "self-signed", &fingerprint)).await;
     assert_eq!(created["fingerprint"], fingerprint.as_str(), "{created}");
@@ -379,9 +281,9 @@ async fn a_wrong_pin_in_lower_case_is_502_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_pin_an_untrusted_certificate_is_502_showing_the_fingerprint_to_pin() {
     let fake = tls_fake().await;
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
 
-    let response = app.post_clusters(&body_at(&fake.url(), "stock")).await;
+    let response = app.post_clusters(&register_body(&fake, "stock")).await;
     let details = bad_gateway_details(response).await;
     let presented = fake.certificate_fingerprint();
     assert_eq!(details["reason"], "certificate not trusted", "{details}");
@@ -410,7 +312,10 @@ async fn an_https_endpoint_that_speaks_plain_http_is_502_without_a_fingerprint()
     let fake = FakePve::start().await;
     let app = TestApp::spawn().await;
     let endpoint = fake.url().replacen("http://", "https://", 1);
-    let details = bad_gateway_details(app.post_clusters(&body_at(&endpoint, "no-tls")).await).await;
+    let response = app
+        .post_clusters(&register_body_at(&endpoint, "no-tls"))
+        .await;
+    let details = bad_gateway_details(response).await;
     let reason = details["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("TLS"), "{details}");
     assert!(
@@ -482,7 +387,7 @@ async fn a_malformed_fingerprint_is_400_naming_the_field() {
 async fn an_unpinned_cluster_shows_a_null_fingerprint() {
     let fake = FakePve::start().await;
     let app = TestApp::spawn().await;
-    let created = register(&app, &body_at(&fake.url(), "plain")).await;
+    let created = register_fake(&app, &fake, "plain").await;
     assert!(created["fingerprint"].is_null(), "{created}");
     assert!(
         created
@@ -500,21 +405,14 @@ async fn a_token_registers_and_is_monitored_over_pinned_https_without_any_ticket
     let fake = tls_fake().await;
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
     let fingerprint = fake.certificate_fingerprint();
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
 
     let created = register(&app, &pinned_token_body(&fake, "token", &fingerprint)).await;
     assert_eq!(created["auth_method"], "token", "{created}");
     assert_eq!(created["fingerprint"], fingerprint.as_str(), "{created}");
     assert!(!created.to_string().contains(TOKEN_SECRET));
 
-    let headers = fake
-        .last_request_headers(STATUS_PATH)
-        .expect("cluster status was read");
-    assert_eq!(
-        headers.get("authorization").and_then(|v| v.to_str().ok()),
-        Some(format!("PVEAPIToken={TOKEN_USER}!{TOKEN_NAME}={TOKEN_SECRET}").as_str())
-    );
-    assert!(headers.get("cookie").is_none(), "no ticket with a token");
+    assert_status_read_with_token(&fake, TOKEN_USER, TOKEN_NAME, TOKEN_SECRET);
 
     stays_healthy_over_checks(&app, &fake, &id_of(&created), 5).await;
     assert_eq!(
@@ -571,15 +469,13 @@ async fn a_renewed_certificate_makes_a_pinned_cluster_unhealthy_until_it_is_regi
     let old = fake.certificate_fingerprint();
     // 400 ms: between the first failure and the third there are two whole intervals for the
     // 20 ms polling below to see the status held below the threshold.
-    let app = TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "400ms")
+    let app = daemon_checking_every("400ms", "2s")
         .env("PROXMOXER_MONITOR_FAILURE_THRESHOLD", THRESHOLD.to_string())
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "2s")
         .spawn()
         .await;
     let id = id_of(&register(&app, &pinned_body(&fake, "renewed", &old)).await);
-    wait_for(&app, &id, "a first check", |c| {
-        healthy(c) && !c["last_checked_at"].is_null()
+    wait_for_cluster_skipping_stale(&app, &id, "a first check", |c| {
+        is_healthy(c) && !c["last_checked_at"].is_null()
     })
     .await;
 
@@ -592,7 +488,7 @@ async fn a_renewed_certificate_makes_a_pinned_cluster_unhealthy_until_it_is_regi
     let mut last = Value::Null;
     let turned = wait_until(
         async || {
-            let snapshot = cluster(&app, &id).await;
+            let snapshot = fetch_cluster(&app, &id).await;
             let unhealthy = snapshot["status"] == "unhealthy";
             if !unhealthy && !snapshot["last_error"].is_null() {
                 below_threshold.push(snapshot.clone());
@@ -610,11 +506,11 @@ async fn a_renewed_certificate_makes_a_pinned_cluster_unhealthy_until_it_is_regi
     );
     for snapshot in &below_threshold {
         assert!(
-            is(snapshot, "healthy", "ok"),
+            has_status(snapshot, "healthy", "ok"),
             "below the threshold the last status stays: {snapshot}"
         );
     }
-    assert!(is(&last, "unhealthy", "tls_error"), "{last:#}");
+    assert!(has_status(&last, "unhealthy", "tls_error"), "{last:#}");
     let error = last["last_error"].as_str().unwrap_or_default();
     assert!(
         error.contains("certificate changed")
@@ -632,18 +528,18 @@ async fn a_renewed_certificate_makes_a_pinned_cluster_unhealthy_until_it_is_regi
     let until = tokio::time::Instant::now() + Duration::from_secs(2);
     while tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let snapshot = cluster(&app, &id).await;
+        let snapshot = fetch_cluster(&app, &id).await;
         assert!(
-            is(&snapshot, "unhealthy", "tls_error") || snapshot["status_reason"] == "stale",
+            has_status(&snapshot, "unhealthy", "tls_error") || snapshot["status_reason"] == "stale",
             "a changed certificate must stay refused: {snapshot:#}"
         );
     }
-    let later = wait_for(&app, &id, "still tls_error", |c| {
-        is(c, "unhealthy", "tls_error")
+    let later = wait_for_cluster_skipping_stale(&app, &id, "still tls_error", |c| {
+        has_status(c, "unhealthy", "tls_error")
     })
     .await;
     assert!(
-        at(&later, "last_checked_at") > at(&last, "last_checked_at"),
+        timestamp(&later, "last_checked_at") > timestamp(&last, "last_checked_at"),
         "the monitor kept checking: {last:#} then {later:#}"
     );
     assert_eq!(
@@ -655,21 +551,25 @@ async fn a_renewed_certificate_makes_a_pinned_cluster_unhealthy_until_it_is_regi
     // The operator compares the new fingerprint and registers it under a new name.
     let again = register(&app, &pinned_body(&fake, "renewed-2", &new)).await;
     assert_eq!(again["fingerprint"], new.as_str(), "{again}");
-    wait_for(
+    wait_for_cluster_skipping_stale(
         &app,
         &id_of(&again),
         "the re-registered cluster checked",
-        |c| healthy(c) && !c["last_checked_at"].is_null(),
+        |c| is_healthy(c) && !c["last_checked_at"].is_null(),
     )
     .await;
-    assert!(is(&cluster(&app, &id).await, "unhealthy", "tls_error"));
+    let still_pinned_to_old = fetch_cluster(&app, &id).await;
+    assert!(
+        has_status(&still_pinned_to_old, "unhealthy", "tls_error"),
+        "{still_pinned_to_old:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_survives_a_restart_and_a_self_signed_replacement_is_then_a_tls_error() {
     let fake = tls_fake().await;
     let old = fake.certificate_fingerprint();
-    let mut app = fast().spawn().await;
+    let mut app = fast_daemon().spawn().await;
     let id = id_of(
         &register(
             &app,
@@ -679,14 +579,14 @@ async fn a_pin_survives_a_restart_and_a_self_signed_replacement_is_then_a_tls_er
     );
 
     app.restart().await;
-    let loaded = cluster(&app, &id).await;
+    let loaded = fetch_cluster(&app, &id).await;
     assert_eq!(loaded["fingerprint"], old.as_str(), "{loaded}");
     let checks = fake.requests(STATUS_PATH);
     let mut last = Value::Null;
     let checked = wait_until(
         async || {
-            last = cluster(&app, &id).await;
-            fake.requests(STATUS_PATH) >= checks + 2 && healthy(&last)
+            last = fetch_cluster(&app, &id).await;
+            fake.requests(STATUS_PATH) >= checks + 2 && is_healthy(&last)
         },
         WAIT,
     )
@@ -698,7 +598,7 @@ async fn a_pin_survives_a_restart_and_a_self_signed_replacement_is_then_a_tls_er
 
     fake.replace_with_self_signed();
     let new = fake.certificate_fingerprint();
-    let refused = wait_for(&app, &id, "tls_error", |c| {
+    let refused = wait_for_cluster_skipping_stale(&app, &id, "tls_error", |c| {
         c["status_reason"] == "tls_error"
     })
     .await;
@@ -715,22 +615,22 @@ async fn a_pin_survives_a_restart_and_a_self_signed_replacement_is_then_a_tls_er
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_file_trusts_the_cluster_ca_signed_node_without_a_pin() {
     let fake = tls_fake().await;
-    let app = trusting_ca(fast(), &fake).spawn().await;
+    let app = trusting_ca(fast_daemon(), &fake).spawn().await;
 
-    let created = register(&app, &body_at(&fake.url(), "by-ca")).await;
+    let created = register_fake(&app, &fake, "by-ca").await;
     assert!(created["fingerprint"].is_null(), "no pin: {created}");
     stays_healthy_over_checks(&app, &fake, &id_of(&created), 5).await;
 
     // The node certificate names localhost too.
     let by_name = format!("https://localhost:{}", fake.addr().port());
-    let created = register(&app, &body_at(&by_name, "by-ca-name")).await;
+    let created = register(&app, &register_body_at(&by_name, "by-ca-name")).await;
     stays_healthy_over_checks(&app, &fake, &id_of(&created), 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_file_given_in_the_config_file_is_trusted_too() {
     let fake = tls_fake().await;
-    let builder = fast();
+    let builder = fast_daemon();
     let path = builder.data_dir().join("pve-root-ca.pem");
     std::fs::write(&path, fake.ca_pem()).expect("write the CA file");
     let app = builder
@@ -740,14 +640,14 @@ async fn a_ca_file_given_in_the_config_file_is_trusted_too() {
         ))
         .spawn()
         .await;
-    register(&app, &body_at(&fake.url(), "by-ca")).await;
+    register_fake(&app, &fake, "by-ca").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_ca_file_a_renewed_certificate_stays_healthy_and_a_self_signed_one_is_a_tls_error() {
     let fake = tls_fake().await;
-    let app = trusting_ca(fast(), &fake).spawn().await;
-    let id = id_of(&register(&app, &body_at(&fake.url(), "by-ca")).await);
+    let app = trusting_ca(fast_daemon(), &fake).spawn().await;
+    let id = register_fake_id(&app, &fake, "by-ca").await;
     stays_healthy_over_checks(&app, &fake, &id, 2).await;
 
     // Same CA, new leaf: the fake drops connections that use the old one, so every check from
@@ -757,7 +657,7 @@ async fn with_a_ca_file_a_renewed_certificate_stays_healthy_and_a_self_signed_on
 
     fake.replace_with_self_signed();
     let presented = fake.certificate_fingerprint();
-    let refused = wait_for(&app, &id, "tls_error", |c| {
+    let refused = wait_for_cluster_skipping_stale(&app, &id, "tls_error", |c| {
         c["status_reason"] == "tls_error"
     })
     .await;
@@ -791,7 +691,7 @@ async fn a_ca_file_of_another_cluster_does_not_trust_this_node() {
     let fake = tls_fake().await;
     let other = tls_fake().await;
     let app = trusting_ca(TestApp::builder(), &other).spawn().await;
-    let details = bad_gateway_details(app.post_clusters(&body_at(&fake.url(), "x")).await).await;
+    let details = bad_gateway_details(app.post_clusters(&register_body(&fake, "x")).await).await;
     assert_eq!(details["reason"], "certificate not trusted", "{details}");
     assert_eq!(
         details["fingerprint"],
@@ -841,7 +741,7 @@ async fn insecure_skip_verify_registers_an_untrusted_node_without_a_pin_and_warn
  {
     let fake = tls_fake().await;
     let presented = fake.certificate_fingerprint();
-    let app = fast()
+    let app = fast_daemon()
         .env("PROXMOXER_TLS_INSECURE_SKIP_VERIFY", "true")
         .spawn()
         .await;
@@ -863,7 +763,7 @@ async fn insecure_skip_verify_registers_an_untrusted_node_without_a_pin_and_warn
         warnings(&app)
     );
 
-    let created = register(&app, &body_at(&fake.url(), "insecure")).await;
+    let created = register_fake(&app, &fake, "insecure").await;
     assert!(created["fingerprint"].is_null(), "{created}");
     let id = id_of(&created);
     stays_healthy_over_checks(&app, &fake, &id, 3).await;
@@ -924,7 +824,7 @@ async fn the_fingerprint_command_prints_the_presented_fingerprint_and_sends_no_c
     }
 
     // What it prints is what registration accepts.
-    let app = fast().spawn().await;
+    let app = fast_daemon().spawn().await;
     register(&app, &pinned_body(&fake, "from-cli", printed.trim())).await;
 
     // After a renewal it shows the new certificate, also under the host name.

@@ -6,12 +6,14 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::FakePve;
-use crate::helpers::{TestApp, wait_until};
+use crate::helpers::{
+    STATUS_PATH, TICKET_PATH, TestApp, assert_status_read_with_token, cluster_count, fake_pve,
+    fast_daemon, fetch_cluster, id_of, register, wait_until,
+};
 
 const TOKEN_USER: &str = "monitor@pve";
 const TOKEN_NAME: &str = "health";
 const TOKEN_SECRET: &str = "0c6c6c3e-1111-2222-3333-444455556666";
-const STATUS_PATH: &str = "/api2/json/cluster/status";
 
 fn token_body(fake: &FakePve, name: &str) -> Value {
     json!({
@@ -23,23 +25,11 @@ fn token_body(fake: &FakePve, name: &str) -> Value {
     })
 }
 
-async fn fast_app() -> TestApp {
-    TestApp::builder()
-        .env("PROXMOXER_MONITOR_INTERVAL", "100ms")
-        .env("PROXMOXER_PROXMOX_TIMEOUT", "2s")
-        .spawn()
-        .await
-}
-
-async fn cluster(app: &TestApp, id: &str) -> Value {
-    app.get_cluster(id).await.json().await.expect("JSON")
-}
-
 #[tokio::test]
 async fn a_token_registers_and_is_monitored_without_any_ticket_login() {
     let fake = FakePve::start().await;
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
-    let app = fast_app().await;
+    let app = fast_daemon().spawn().await;
 
     let response = app.post_clusters(&token_body(&fake, "prod")).await;
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -48,14 +38,7 @@ async fn a_token_registers_and_is_monitored_without_any_ticket_login() {
     assert_eq!(created["status"], "healthy");
     assert!(!created.to_string().contains(TOKEN_SECRET));
 
-    let headers = fake
-        .last_request_headers(STATUS_PATH)
-        .expect("cluster status was read");
-    assert_eq!(
-        headers.get("authorization").and_then(|v| v.to_str().ok()),
-        Some(format!("PVEAPIToken={TOKEN_USER}!{TOKEN_NAME}={TOKEN_SECRET}").as_str())
-    );
-    assert!(headers.get("cookie").is_none(), "no ticket with a token");
+    assert_status_read_with_token(&fake, TOKEN_USER, TOKEN_NAME, TOKEN_SECRET);
 
     let seen = fake.requests(STATUS_PATH);
     assert!(
@@ -67,13 +50,13 @@ async fn a_token_registers_and_is_monitored_without_any_ticket_login() {
         "the monitor keeps checking"
     );
     let id = created["id"].as_str().expect("id");
-    assert_eq!(cluster(&app, id).await["status"], "healthy");
+    assert_eq!(fetch_cluster(&app, id).await["status"], "healthy");
     assert_eq!(
         fake.logins() + fake.failed_logins(),
         0,
         "a token never logs in"
     );
-    assert_eq!(fake.requests("/api2/json/access/ticket"), 0);
+    assert_eq!(fake.requests(TICKET_PATH), 0);
     assert!(!app.logs().contains(TOKEN_SECRET));
 }
 
@@ -91,13 +74,8 @@ async fn the_full_token_id_form_is_accepted() {
 async fn a_token_secret_survives_a_restart_encrypted() {
     let fake = FakePve::start().await;
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
-    let mut app = fast_app().await;
-    let created: Value = app
-        .post_clusters(&token_body(&fake, "prod"))
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let mut app = fast_daemon().spawn().await;
+    let id = id_of(&register(&app, &token_body(&fake, "prod")).await);
     app.terminate().await;
     let database = std::fs::read(app.db_path()).expect("read database");
     assert!(
@@ -107,18 +85,17 @@ async fn a_token_secret_survives_a_restart_encrypted() {
     );
 
     app.restart().await;
-    let id = created["id"].as_str().expect("id").to_owned();
     let seen = fake.requests(STATUS_PATH);
     assert!(
         wait_until(
             async || fake.requests(STATUS_PATH) > seen
-                && cluster(&app, &id).await["status"] == "healthy",
+                && fetch_cluster(&app, &id).await["status"] == "healthy",
             Duration::from_secs(10)
         )
         .await,
         "the restarted daemon monitors with the stored token"
     );
-    assert_eq!(cluster(&app, &id).await["auth_method"], "token");
+    assert_eq!(fetch_cluster(&app, &id).await["auth_method"], "token");
 }
 
 #[tokio::test]
@@ -134,8 +111,7 @@ async fn a_bad_token_is_401() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let error: Value = response.json().await.expect("JSON");
     assert_eq!(error["message"], "Authentication failed");
-    let list: Value = app.get_clusters().await.json().await.expect("JSON");
-    assert_eq!(list["total"], 0);
+    assert_eq!(cluster_count(&app).await, 0);
 }
 
 #[tokio::test]
@@ -155,28 +131,21 @@ async fn a_token_without_privileges_is_403_naming_sys_audit() {
 
 #[tokio::test]
 async fn a_revoked_token_makes_the_cluster_unhealthy_and_attempts_back_off() {
-    let fake = FakePve::start().await;
+    let fake = fake_pve().await;
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
-    fake.set_auth_failure_delay(Duration::from_millis(50));
-    let app = fast_app().await;
-    let created: Value = app
-        .post_clusters(&token_body(&fake, "prod"))
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let app = fast_daemon().spawn().await;
+    let id = id_of(&register(&app, &token_body(&fake, "prod")).await);
 
     fake.remove_token(TOKEN_USER, TOKEN_NAME);
     assert!(
         wait_until(
-            async || cluster(&app, &id).await["status_reason"] == "auth_failed",
+            async || fetch_cluster(&app, &id).await["status_reason"] == "auth_failed",
             Duration::from_secs(10)
         )
         .await,
         "a revoked token is an authentication failure"
     );
-    let view = cluster(&app, &id).await;
+    let view = fetch_cluster(&app, &id).await;
     assert_eq!(view["status"], "unhealthy");
     assert_eq!(view["last_error"], "authentication failed");
 
@@ -194,30 +163,24 @@ async fn a_revoked_token_makes_the_cluster_unhealthy_and_attempts_back_off() {
 async fn a_token_losing_its_rights_makes_the_cluster_forbidden_until_granted_again() {
     let fake = FakePve::start().await;
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
-    let app = fast_app().await;
-    let created: Value = app
-        .post_clusters(&token_body(&fake, "prod"))
-        .await
-        .json()
-        .await
-        .expect("JSON");
-    let id = created["id"].as_str().expect("id").to_owned();
+    let app = fast_daemon().spawn().await;
+    let id = id_of(&register(&app, &token_body(&fake, "prod")).await);
 
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, false);
     assert!(
         wait_until(
-            async || cluster(&app, &id).await["status_reason"] == "forbidden",
+            async || fetch_cluster(&app, &id).await["status_reason"] == "forbidden",
             Duration::from_secs(10)
         )
         .await,
         "403 on cluster status is forbidden"
     );
-    assert_eq!(cluster(&app, &id).await["status"], "unhealthy");
+    assert_eq!(fetch_cluster(&app, &id).await["status"], "unhealthy");
 
     fake.add_token(TOKEN_USER, TOKEN_NAME, TOKEN_SECRET, true);
     assert!(
         wait_until(
-            async || cluster(&app, &id).await["status"] == "healthy",
+            async || fetch_cluster(&app, &id).await["status"] == "healthy",
             Duration::from_secs(10)
         )
         .await,
