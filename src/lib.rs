@@ -165,7 +165,7 @@ pub async fn run(
     }
     systemd::spawn_supervision(registry.clone(), stop_rx.clone());
     let mut graceful_rx = stop_rx.clone();
-    let serve = axum::serve(listener, app)
+    let serve = axum::serve(api::listener::ApiListener::new(listener), app)
         .with_graceful_shutdown(async move {
             let _ = graceful_rx.wait_for(|stop| *stop).await;
             systemd::stopping();

@@ -4,6 +4,7 @@
 mod clusters;
 mod error;
 mod events;
+pub mod listener;
 pub mod openapi;
 
 use std::time::{Duration, Instant};
