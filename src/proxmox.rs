@@ -398,55 +398,46 @@ impl ProxmoxClient {
     }
 }
 
-/// The rustls error behind a failed request, if any. It arrives wrapped in `io::Error`s
-/// (tokio-rustls, then the connector), whose `source()` skips the error they wrap, so those
-/// are unwrapped by hand.
-fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        current = match e
+/// An error and its causes, outermost first. The causes a failed request carries sit in
+/// nested `io::Error`s (tokio-rustls, then the connector), whose `source()` skips the error
+/// they wrap, so those are unwrapped by hand.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| {
+        match e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => e.source(),
-        };
-    }
-    None
+        }
+    })
+}
+
+/// The rustls error behind a failed request, if any.
+fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    causes(error).find_map(|e| e.downcast_ref::<rustls::Error>())
 }
 
 fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
+    causes(error).find_map(|e| e.downcast_ref::<std::io::Error>())
 }
 
 fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(source) = current.source() {
-        current = source;
-    }
-    current.to_string()
+    causes(error)
+        .last()
+        .map_or_else(|| error.to_string(), ToString::to_string)
 }
 
 /// reqwest's own message is "error sending request"; the cause is further down the chain.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut current = error.source();
-    while let Some(e) = current {
-        let text = e.to_string();
+    let mut parts: Vec<String> = Vec::new();
+    for text in causes(error).map(ToString::to_string) {
+        // An io::Error displays the error it wraps: show that text once.
         if parts.last() != Some(&text) {
             parts.push(text);
         }
-        current = e.source();
     }
     parts.join(": ")
 }
