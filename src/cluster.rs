@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::domain::Endpoint;
 use crate::domain::{AuthMethod, ClusterId, ClusterStatus, Credentials, StatusReason};
+use crate::proxmox::members::{MemberReport, MemberView};
 use crate::proxmox::{ClusterHealth, ProxmoxError};
 use crate::store::ClusterRecord;
 use crate::tls::Fingerprint;
@@ -36,12 +38,14 @@ pub fn assess(health: &ClusterHealth) -> (ClusterStatus, StatusReason) {
 }
 
 /// What applying a check changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckEffect {
     /// Something worth persisting changed (status, version, node counts, quorum, error).
     pub changed: bool,
     /// `(old, new)` when the status changed.
     pub status_change: Option<(ClusterStatus, ClusterStatus)>,
+    /// The history gained an entry.
+    pub history_changed: bool,
 }
 
 /// How many status transitions are kept per cluster.
@@ -58,6 +62,9 @@ pub struct Transition {
     pub reason: StatusReason,
     /// Why the check failed, when it did.
     pub error: Option<String>,
+    /// The member a membership entry (joined, left, pin rotated, failover) is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// A registered cluster: its persisted record plus what only lives while the daemon runs.
@@ -72,6 +79,8 @@ pub struct Cluster {
     last_check: Option<Instant>,
     /// When Proxmox last answered a check, in this process.
     last_success: Option<Instant>,
+    /// The endpoint that answered the newest successful check, to tell a failover.
+    last_active: Option<Endpoint>,
 }
 
 impl Cluster {
@@ -83,6 +92,7 @@ impl Cluster {
             to: record.status,
             reason: record.status_reason,
             error: None,
+            member: None,
         };
         Self {
             record,
@@ -91,6 +101,7 @@ impl Cluster {
             consecutive_failures: 0,
             last_check: Some(Instant::now()),
             last_success: Some(Instant::now()),
+            last_active: None,
         }
     }
 
@@ -110,6 +121,7 @@ impl Cluster {
                 to: ClusterStatus::Unknown,
                 reason: StatusReason::NotChecked,
                 error: None,
+                member: None,
             });
         }
         record.status = ClusterStatus::Unknown;
@@ -118,6 +130,7 @@ impl Cluster {
             history.pop_front();
         }
         Self {
+            last_active: record.active_endpoint.clone(),
             record,
             credentials,
             history,
@@ -203,21 +216,93 @@ impl Cluster {
             self.record.updated_at = now;
         }
         if before.0 != after.0 {
-            if self.history.len() == HISTORY_CAPACITY {
-                self.history.pop_front();
-            }
-            self.history.push_back(Transition {
+            self.remember(Transition {
                 at: now,
                 from: before.0,
                 to: after.0,
                 reason: self.record.status_reason,
                 error: self.record.last_error.clone(),
+                member: None,
             });
         }
         CheckEffect {
             changed: shown_changed
                 || before_detail != (self.record.status_reason, self.record.last_error.clone()),
             status_change: (before.0 != after.0).then_some((before.0, after.0)),
+            history_changed: before.0 != after.0,
+        }
+    }
+
+    fn remember(&mut self, transition: Transition) {
+        if self.history.len() == HISTORY_CAPACITY {
+            self.history.pop_front();
+        }
+        self.history.push_back(transition);
+    }
+
+    /// Takes a monitor's view of the members. Joins, departures, adopted pins and failovers
+    /// go into the history; any change moves `updated_at`.
+    pub fn apply_members(&mut self, report: MemberReport, now: DateTime<Utc>) -> CheckEffect {
+        let old = &self.record.members;
+        let mut events: Vec<(StatusReason, String)> = Vec::new();
+        // A cluster from before members were tracked has nothing to compare with.
+        if !old.is_empty() {
+            for member in &report.members {
+                match old.iter().find(|m| m.name == member.name) {
+                    None => events.push((StatusReason::MemberJoined, member.name.clone())),
+                    Some(known)
+                        if known.fingerprint.is_some()
+                            && member.fingerprint.is_some()
+                            && known.fingerprint != member.fingerprint =>
+                    {
+                        events.push((StatusReason::PinRotated, member.name.clone()));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for gone in old
+                .iter()
+                .filter(|m| !report.members.iter().any(|n| n.name == m.name))
+            {
+                events.push((StatusReason::MemberLeft, gone.name.clone()));
+            }
+        }
+        if let Some(active) = &report.active {
+            if self.last_active.as_ref().is_some_and(|last| last != active) {
+                let member = report
+                    .members
+                    .iter()
+                    .find(|m| m.endpoint.as_ref() == Some(active))
+                    .map_or_else(|| active.to_string(), |m| m.name.clone());
+                events.push((StatusReason::Failover, member));
+            }
+            self.last_active = Some(active.clone());
+        }
+        let changed = self.record.members != report.members
+            || self.record.active_endpoint != report.active
+            || self.record.fingerprint != report.pin;
+        self.record.members = report.members;
+        self.record.active_endpoint = report.active;
+        self.record.fingerprint = report.pin;
+        if changed {
+            self.record.updated_at = now;
+        }
+        let status = self.record.status;
+        let history_changed = !events.is_empty();
+        for (reason, member) in events {
+            self.remember(Transition {
+                at: now,
+                from: status,
+                to: status,
+                reason,
+                error: None,
+                member: Some(member),
+            });
+        }
+        CheckEffect {
+            changed,
+            status_change: None,
+            history_changed,
         }
     }
 
@@ -245,6 +330,11 @@ impl Cluster {
             quorate: record.quorate,
             auth_method: record.auth_method,
             fingerprint: record.fingerprint,
+            members: record.members.iter().map(|m| m.view()).collect(),
+            active_endpoint: record
+                .active_endpoint
+                .as_ref()
+                .map(|e| e.as_str().to_owned()),
         }
     }
 }
@@ -277,6 +367,10 @@ pub struct ClusterView {
     /// The pinned certificate fingerprint, if any: uppercase hex pairs joined by colons.
     #[schema(value_type = Option<String>)]
     pub fingerprint: Option<Fingerprint>,
+    /// Every member of the cluster, ordered by name.
+    pub members: Vec<MemberView>,
+    /// The endpoint that answered the newest check; null when none did.
+    pub active_endpoint: Option<String>,
 }
 
 /// `2024-01-11T10:30:00Z`, as the API specification shows timestamps.
@@ -328,6 +422,8 @@ mod tests {
             last_checked_at: Some(now),
             created_at: now,
             updated_at: now,
+            members: Vec::new(),
+            active_endpoint: None,
         };
         let credentials = Credentials::Password {
             username: record.username.clone(),

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::domain::Cidr;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = "data/proxmoxer.redb";
 pub const KEY_FILE_NAME: &str = "proxmoxer.key";
@@ -15,6 +17,7 @@ pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 pub const DEFAULT_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_MEMBER_DISCOVERY: bool = true;
 
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub tls_ca_file: Option<PathBuf>,
     pub tls_insecure_skip_verify: bool,
+    /// `monitor.member_discovery`: watch a cluster through all its members.
+    pub member_discovery: bool,
+    /// `proxmox.member_networks`: the only networks discovered members are contacted in.
+    pub member_networks: Vec<Cidr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +117,7 @@ struct MonitorSection {
     #[serde(with = "humantime_serde")]
     interval: Duration,
     failure_threshold: u32,
+    member_discovery: bool,
 }
 
 impl Default for MonitorSection {
@@ -117,6 +125,7 @@ impl Default for MonitorSection {
         Self {
             interval: DEFAULT_MONITOR_INTERVAL,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            member_discovery: DEFAULT_MEMBER_DISCOVERY,
         }
     }
 }
@@ -126,12 +135,14 @@ impl Default for MonitorSection {
 struct ProxmoxSection {
     #[serde(with = "humantime_serde")]
     timeout: Duration,
+    member_networks: Vec<String>,
 }
 
 impl Default for ProxmoxSection {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_PROXMOX_TIMEOUT,
+            member_networks: Vec::new(),
         }
     }
 }
@@ -213,20 +224,24 @@ impl Config {
         if let Some(v) = env("PROXMOXER_PROXMOX_TIMEOUT") {
             raw.proxmox.timeout = parse_duration("PROXMOXER_PROXMOX_TIMEOUT", &v)?;
         }
+        let mut networks_key = "proxmox.member_networks";
+        if let Some(v) = env("PROXMOXER_PROXMOX_MEMBER_NETWORKS") {
+            raw.proxmox.member_networks = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            networks_key = "PROXMOXER_PROXMOX_MEMBER_NETWORKS";
+        }
+        if let Some(v) = env("PROXMOXER_MONITOR_MEMBER_DISCOVERY") {
+            raw.monitor.member_discovery = parse_bool("PROXMOXER_MONITOR_MEMBER_DISCOVERY", &v)?;
+        }
         if let Some(v) = env("PROXMOXER_TLS_CA_FILE") {
             raw.tls.ca_file = Some(PathBuf::from(v));
         }
         if let Some(v) = env("PROXMOXER_TLS_INSECURE_SKIP_VERIFY") {
-            raw.tls.insecure_skip_verify = match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" | "" => false,
-                _ => {
-                    return Err(invalid(
-                        "PROXMOXER_TLS_INSECURE_SKIP_VERIFY",
-                        format!("{v:?} is not true or false"),
-                    ));
-                }
-            };
+            raw.tls.insecure_skip_verify = parse_bool("PROXMOXER_TLS_INSECURE_SKIP_VERIFY", &v)?;
         }
         let mut level_key = "log.level";
         if let Some(v) = env("PROXMOXER_LOG") {
@@ -275,6 +290,12 @@ impl Config {
             "server.shutdown_grace",
             MAX_SHUTDOWN_GRACE,
         )?;
+        let member_networks = raw
+            .proxmox
+            .member_networks
+            .iter()
+            .map(|net| Cidr::parse(net).map_err(|e| invalid(networks_key, e)))
+            .collect::<Result<Vec<_>, _>>()?;
         let key_file = match raw.storage.key_file {
             Some(path) if path.as_os_str().is_empty() => {
                 return Err(invalid("storage.key_file", "must not be empty"));
@@ -294,6 +315,8 @@ impl Config {
             log_format: raw.log.format,
             tls_ca_file: raw.tls.ca_file.filter(|p| !p.as_os_str().is_empty()),
             tls_insecure_skip_verify: raw.tls.insecure_skip_verify,
+            member_discovery: raw.monitor.member_discovery,
+            member_networks,
         })
     }
 }
@@ -334,6 +357,14 @@ fn check_range(value: &Duration, key: &str, max: Duration) -> Result<(), ConfigE
         ));
     }
     Ok(())
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(invalid(key, format!("{value:?} is not true or false"))),
+    }
 }
 
 fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -439,6 +470,21 @@ mod tests {
             ),
             (Some("[monitor]\ninterval = 5\n"), &[], "interval"),
             (Some("[monitr]\n"), &[], "monitr"),
+            (
+                None,
+                &[("PROXMOXER_PROXMOX_MEMBER_NETWORKS", "127.0.0.0/8,lan")],
+                "PROXMOXER_PROXMOX_MEMBER_NETWORKS",
+            ),
+            (
+                Some("[proxmox]\nmember_networks = [\"127.0.0.0/99\"]\n"),
+                &[],
+                "proxmox.member_networks",
+            ),
+            (
+                None,
+                &[("PROXMOXER_MONITOR_MEMBER_DISCOVERY", "maybe")],
+                "PROXMOXER_MONITOR_MEMBER_DISCOVERY",
+            ),
         ];
         for (file, env, key) in cases {
             let error = load(*file, env).expect_err("must be refused").to_string();

@@ -127,6 +127,82 @@ impl Endpoint {
     pub fn api_url(&self, path: &str) -> String {
         format!("{}/api2/json{path}", self.0)
     }
+
+    /// Another cluster member's endpoint: `address` with this endpoint's scheme and port, as
+    /// pveproxy itself reaches its peers (brackets around IPv6 addresses).
+    pub fn for_member(&self, address: &str) -> Option<Endpoint> {
+        let url = reqwest::Url::parse(&self.0).ok()?;
+        let port = url.port_or_known_default()?;
+        let address = address.trim().trim_start_matches('[').trim_end_matches(']');
+        if address.is_empty() {
+            return None;
+        }
+        let host = match address.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => address.to_owned(),
+        };
+        Endpoint::parse(&format!("{}://{host}:{port}", url.scheme())).ok()
+    }
+}
+
+/// An IP network in CIDR notation, such as `10.0.0.0/24` or `fd00::/64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Accepts `address/prefix`, or a bare address meaning that one host.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        let (address, prefix) = match raw.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (raw, None),
+        };
+        let network: std::net::IpAddr = address
+            .parse()
+            .map_err(|_| format!("{raw:?} is not a network such as 10.0.0.0/24"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{raw:?} has a prefix length outside 0..={max}"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+
+    /// Whether `address` lies in this network. IPv4 and IPv6 never match each other.
+    pub fn contains(&self, address: std::net::IpAddr) -> bool {
+        fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
+            let keep = u32::from(prefix.min(width));
+            if keep == 0 {
+                0
+            } else {
+                bits >> (u32::from(width) - keep)
+            }
+        }
+        match (self.network, address) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(addr)) => {
+                masked(u128::from(u32::from(net)), self.prefix, 32)
+                    == masked(u128::from(u32::from(addr)), self.prefix, 32)
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(addr)) => {
+                masked(u128::from(net), self.prefix, 128)
+                    == masked(u128::from(addr), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
 }
 
 impl fmt::Display for Endpoint {
@@ -344,6 +420,15 @@ pub enum StatusReason {
     BadResponse,
     NotChecked,
     Stale,
+    /// History only: a node joined the cluster.
+    MemberJoined,
+    /// History only: a node left the cluster.
+    MemberLeft,
+    /// History only: a member's certificate pin was replaced by one a verified member vouched
+    /// for.
+    PinRotated,
+    /// History only: checks are now answered by another member.
+    Failover,
 }
 
 impl fmt::Display for StatusReason {
@@ -360,6 +445,10 @@ impl fmt::Display for StatusReason {
             Self::BadResponse => "bad_response",
             Self::NotChecked => "not_checked",
             Self::Stale => "stale",
+            Self::MemberJoined => "member_joined",
+            Self::MemberLeft => "member_left",
+            Self::PinRotated => "pin_rotated",
+            Self::Failover => "failover",
         })
     }
 }
@@ -367,6 +456,49 @@ impl fmt::Display for StatusReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_endpoints_take_the_registered_scheme_and_port() {
+        let registered = Endpoint::parse("https://pve1.example.com:8006").expect("endpoint");
+        assert_eq!(
+            registered.for_member("127.0.0.3").map(|e| e.0),
+            Some("https://127.0.0.3:8006".to_owned())
+        );
+        assert_eq!(
+            registered.for_member("::1").map(|e| e.0),
+            Some("https://[::1]:8006".to_owned())
+        );
+        let plain = Endpoint::parse("http://127.0.0.2:41000").expect("endpoint");
+        assert_eq!(
+            plain.for_member("127.0.0.4").map(|e| e.0),
+            Some("http://127.0.0.4:41000".to_owned())
+        );
+        assert_eq!(registered.for_member(""), None);
+    }
+
+    #[test]
+    fn networks_contain_their_addresses_only() {
+        let net = Cidr::parse("127.0.0.0/30").expect("cidr");
+        assert!(net.contains("127.0.0.3".parse().expect("ip")));
+        assert!(!net.contains("127.0.0.4".parse().expect("ip")));
+        assert!(!net.contains("::1".parse().expect("ip")));
+        let host = Cidr::parse("127.0.0.2").expect("bare address");
+        assert!(host.contains("127.0.0.2".parse().expect("ip")));
+        assert!(!host.contains("127.0.0.3".parse().expect("ip")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("all")
+                .contains("127.9.9.9".parse().expect("ip"))
+        );
+        assert!(
+            Cidr::parse("fd00::/8")
+                .expect("v6")
+                .contains("fd12::1".parse().expect("ip"))
+        );
+        for bad in ["", "127.0.0.0/33", "pve1/24", "127.0.0.0/x"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn endpoint_drops_trailing_slash_and_api_prefix() {
@@ -466,6 +598,10 @@ mod tests {
             BadResponse,
             NotChecked,
             Stale,
+            MemberJoined,
+            MemberLeft,
+            PinRotated,
+            Failover,
         ] {
             assert_eq!(
                 serde_json::to_value(reason).ok(),

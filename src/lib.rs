@@ -43,6 +43,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::domain::Secret;
 use crate::monitor::MonitorSettings;
+use crate::proxmox::members::MemberPolicy;
 use crate::registry::{RegistryActor, RegistryArgs, RegistrySettings};
 use crate::secrets::{SecretsError, Vault};
 use crate::store::{Store, StoreError};
@@ -117,6 +118,10 @@ pub async fn run(
         monitor: MonitorSettings {
             interval: config.monitor_interval,
             proxmox_timeout: config.proxmox_timeout,
+            members: MemberPolicy {
+                discovery: config.member_discovery,
+                networks: config.member_networks.clone().into(),
+            },
         },
         failure_threshold: config.failure_threshold,
     };

@@ -117,6 +117,26 @@ fn render_clusters(out: &mut String, snapshot: &[ClusterSnapshot]) -> std::fmt::
             }
         }
     }
+    let name = "proxmoxer_cluster_member_reachable";
+    writeln!(
+        out,
+        "# HELP {name} 1 when the daemon's latest attempt reached the member, 0 when it failed (absent before any attempt)"
+    )?;
+    writeln!(out, "# TYPE {name} gauge")?;
+    for cluster in snapshot {
+        for member in &cluster.view.members {
+            if let Some(reachable) = member.reachable {
+                writeln!(
+                    out,
+                    "{name}{{id=\"{}\",cluster=\"{}\",member=\"{}\"}} {}",
+                    cluster.view.id,
+                    escape_label(&cluster.view.name),
+                    escape_label(&member.name),
+                    u8::from(reachable)
+                )?;
+            }
+        }
+    }
     let name = "proxmoxer_cluster_seconds_since_last_success";
     writeln!(
         out,

@@ -1,16 +1,19 @@
-//! One monitor actor per cluster: it checks Proxmox on a fixed period and reports each
-//! outcome to the registry, which owns all state. A monitor never writes to the database.
+//! One monitor actor per cluster: it checks Proxmox on a fixed period, through whichever
+//! member answers, and reports each outcome to the registry, which owns all state. A monitor
+//! never writes to the database.
 //!
 //! The check runs inside the monitor's own handler: nothing but its timer ever messages it,
 //! so awaiting Proxmox there stalls nobody, and `kill()` cancels a check in flight.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::cluster::CheckOutcome;
 use crate::domain::{ClusterId, Credentials, Endpoint};
-use crate::proxmox::{ProxmoxClient, ProxmoxError, Session};
+use crate::proxmox::members::{self, ChannelTrust, Member, MemberPolicy, MemberReport};
+use crate::proxmox::{ProxmoxClient, ProxmoxError, Session, StatusReport};
 use crate::registry::RegistryMsg;
 use crate::tls::{Fingerprint, TrustAnchors};
 
@@ -23,15 +26,29 @@ const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60 * 60);
 /// Tokens never log in and tickets are renewed in place, so `/version` is also re-read on
 /// this period: an upgrade shows within it.
 const VERSION_REFRESH: Duration = Duration::from_secs(10 * 60);
+/// Members are re-discovered at least this often, and at once when `/cluster/status` shows
+/// a membership change.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// A member no check used is probed every min(this many intervals, [`MAX_PROBE_PERIOD`]).
+const PROBE_INTERVALS: u32 = 10;
+const MAX_PROBE_PERIOD: Duration = Duration::from_secs(10 * 60);
+/// Like pveproxy's own certificate cache, a certificate mismatch re-reads join information
+/// at most once a minute per cluster.
+const MISMATCH_DISCOVERY_SPACING: Duration = Duration::from_secs(60);
 
 /// A check makes at most three calls (login, version, cluster status), each bounded by the
 /// Proxmox timeout; a re-login after a rejected ticket fits in the same budget or fails.
 const CALLS_PER_CHECK: u32 = 3;
 
-#[derive(Debug, Clone, Copy)]
+/// How monitors check, shared by all of them.
+#[derive(Debug, Clone)]
 pub struct MonitorSettings {
+    /// The period between checks.
     pub interval: Duration,
+    /// The bound on every request to Proxmox.
     pub proxmox_timeout: Duration,
+    /// Whether and where members other than the registered node are used.
+    pub members: MemberPolicy,
 }
 
 impl MonitorSettings {
@@ -39,39 +56,58 @@ impl MonitorSettings {
     pub fn check_deadline(&self) -> Duration {
         self.proxmox_timeout * CALLS_PER_CHECK
     }
+
+    fn probe_period(&self) -> Duration {
+        (self.interval * PROBE_INTERVALS).min(MAX_PROBE_PERIOD)
+    }
 }
 
+/// The monitor actor; its state is [`MonitorState`].
 pub struct MonitorActor;
 
+/// What a monitor starts with.
 pub struct MonitorArgs {
+    /// The cluster it watches.
     pub cluster_id: ClusterId,
     /// Tags reports so the registry can drop those of a monitor it has replaced.
     pub generation: u64,
+    /// The registered endpoint.
     pub endpoint: Endpoint,
+    /// The operator's pin for the registered endpoint.
     pub fingerprint: Option<Fingerprint>,
+    /// The daemon-wide TLS trust.
     pub trust: TrustAnchors,
+    /// The cluster's credentials.
     pub credentials: Credentials,
-    /// The session from the registration probe, so a new cluster costs one login, not two.
+    /// The known members with their pins.
+    pub members: Vec<Member>,
+    /// The session from the registration probe, so a new cluster costs one login, not two;
+    /// its presence also means the members were discovered just now.
     pub session: Option<Session>,
+    /// How to check.
     pub settings: MonitorSettings,
+    /// Where reports go.
     pub registry: ActorRef<RegistryMsg>,
 }
 
+/// What a monitor is asked to do.
 #[derive(Debug)]
 pub enum MonitorMsg {
+    /// Runs one check, then schedules the next.
     Check,
     /// Makes the monitor fail as a bug would, to exercise supervision.
     #[cfg(test)]
     Crash,
 }
 
+/// A monitor's working state.
 pub struct MonitorState {
     cluster_id: ClusterId,
     generation: u64,
-    client: ProxmoxClient,
     credentials: Credentials,
     settings: MonitorSettings,
     registry: ActorRef<RegistryMsg>,
+    roster: Roster,
     session: Option<Session>,
     /// `/version` is read after every login or renewal, and every [`VERSION_REFRESH`].
     version_due: bool,
@@ -80,9 +116,35 @@ pub struct MonitorState {
     next_check: Instant,
 }
 
+/// The members, how to reach each and what the monitor last saw of them.
+struct Roster {
+    registered: Endpoint,
+    /// The operator's pin; follows a rotation another member vouched for.
+    pin: Option<Fingerprint>,
+    trust: TrustAnchors,
+    channel: ChannelTrust,
+    timeout: Duration,
+    policy: MemberPolicy,
+    members: Vec<Member>,
+    /// The member that answered last: the next check asks it first.
+    preferred: Option<String>,
+    /// The endpoint that answered the newest check.
+    active: Option<Endpoint>,
+    clients: HashMap<String, (Endpoint, Option<Fingerprint>, ProxmoxClient)>,
+    last_attempt: HashMap<String, Instant>,
+    /// Certificates members presented against their pins since the last maintenance.
+    mismatches: Vec<(String, Fingerprint, Fingerprint)>,
+    /// The newest answer and who gave it, the base for discovery.
+    last_status: Option<(String, StatusReport)>,
+    config_version: Option<u64>,
+    discovered_at: Option<Instant>,
+    rediscover: bool,
+    last_mismatch_discovery: Option<Instant>,
+}
+
 /// After Proxmox rejects the credentials, attempts are spaced out (doubling, up to an hour) so
 /// a changed password or revoked token never makes this daemon a brute-forcer that fail2ban
-/// bans.
+/// bans. It is per cluster: every member checks the same credentials.
 #[derive(Debug, Clone, Copy)]
 struct LoginBackoff {
     delay: Duration,
@@ -99,22 +161,46 @@ impl Actor for MonitorActor {
         _myself: ActorRef<Self::Msg>,
         args: MonitorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let client = ProxmoxClient::new(
-            args.endpoint,
-            args.settings.proxmox_timeout,
-            &args.trust,
+        let channel = ChannelTrust::of(
+            &args.endpoint,
             args.fingerprint,
-        )?;
+            args.trust.insecure_skip_verify(),
+        );
+        let mut members = args.members;
+        if !members.iter().any(|m| m.registered) {
+            // A cluster from before members were tracked: its registered node is named once
+            // it answers.
+            members.push(Member::registered("", &args.endpoint));
+        }
+        let roster = Roster {
+            registered: args.endpoint,
+            pin: args.fingerprint,
+            trust: args.trust,
+            channel,
+            timeout: args.settings.proxmox_timeout,
+            policy: args.settings.members.clone(),
+            members,
+            preferred: None,
+            active: None,
+            clients: HashMap::new(),
+            last_attempt: HashMap::new(),
+            mismatches: Vec::new(),
+            last_status: None,
+            config_version: None,
+            discovered_at: args.session.is_some().then(Instant::now),
+            rediscover: false,
+            last_mismatch_discovery: None,
+        };
         Ok(MonitorState {
             cluster_id: args.cluster_id,
             generation: args.generation,
-            client,
             version_due: args.session.is_none(),
             version_read_at: args.session.is_some().then(Instant::now),
             session: args.session,
             credentials: args.credentials,
             settings: args.settings,
             registry: args.registry,
+            roster,
             login_backoff: None,
             next_check: Instant::now(),
         })
@@ -144,14 +230,30 @@ impl Actor for MonitorActor {
                 let outcome = tokio::time::timeout(deadline, state.check())
                     .await
                     .unwrap_or(CheckOutcome::Failed(ProxmoxError::Timeout(deadline)));
+                if matches!(outcome, CheckOutcome::Failed(_)) {
+                    state.roster.active = None;
+                }
                 metrics::histogram!("proxmoxer_check_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
+                let reported = state.roster.report();
                 // The registry gone means the daemon is stopping; nothing to report to.
                 let _ = state.registry.cast(RegistryMsg::CheckCompleted {
                     cluster: state.cluster_id,
                     generation: state.generation,
                     outcome,
+                    members: reported.clone(),
                 });
+                // Discovery and probes come after the report, so they never delay a status,
+                // and under their own deadline, so a black-holed member cannot stall checks.
+                let _ = tokio::time::timeout(deadline, state.maintain()).await;
+                let after = state.roster.report();
+                if after != reported {
+                    let _ = state.registry.cast(RegistryMsg::MembersChanged {
+                        cluster: state.cluster_id,
+                        generation: state.generation,
+                        members: after,
+                    });
+                }
                 let delay = state.schedule_next();
                 myself.send_after(delay, || MonitorMsg::Check);
             }
@@ -170,6 +272,146 @@ fn first_check_delay(cluster_id: ClusterId, interval: Duration) -> Duration {
     window * spread / 1_000
 }
 
+/// Failures that say nothing about the cluster, only about the member asked: another member
+/// may well answer.
+fn member_failure(error: &ProxmoxError) -> bool {
+    match error {
+        ProxmoxError::Unreachable(_)
+        | ProxmoxError::Timeout(_)
+        | ProxmoxError::Tls(_)
+        | ProxmoxError::CertificateNotTrusted { .. }
+        | ProxmoxError::CertificateMismatch { .. } => true,
+        ProxmoxError::Http { status, .. } => *status >= 500,
+        _ => false,
+    }
+}
+
+impl Roster {
+    fn member(&self, name: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
+    fn member_mut(&mut self, name: &str) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.name == name)
+    }
+
+    /// The members to ask, in order: the one that answered last, then those reachable last
+    /// time, then those never tried, then those that failed; the registered node first among
+    /// equals.
+    fn candidates(&self) -> Vec<String> {
+        let mut usable: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| self.policy.may_contact(m, self.channel))
+            .collect();
+        usable.sort_by_key(|m| {
+            let preferred = self.preferred.as_deref() == Some(m.name.as_str());
+            let reachability = match m.reachable {
+                Some(true) => 0,
+                None => 1,
+                Some(false) => 2,
+            };
+            (!preferred, reachability, !m.registered, m.name.clone())
+        });
+        usable.into_iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// A client for the named member: the operator's trust for the registered node, the
+    /// learned pin for every other.
+    fn client(&mut self, name: &str) -> Result<ProxmoxClient, ProxmoxError> {
+        let member = self
+            .member(name)
+            .ok_or_else(|| ProxmoxError::Unreachable(format!("{name} is not a member")))?;
+        let endpoint = member
+            .endpoint
+            .clone()
+            .ok_or_else(|| ProxmoxError::Unreachable(format!("no address is known for {name}")))?;
+        let pin = if member.registered {
+            self.pin
+        } else {
+            member.fingerprint
+        };
+        if let Some((known_endpoint, known_pin, client)) = self.clients.get(name)
+            && *known_endpoint == endpoint
+            && *known_pin == pin
+        {
+            return Ok(client.clone());
+        }
+        let client = ProxmoxClient::new(endpoint.clone(), self.timeout, &self.trust, pin)?;
+        self.clients
+            .insert(name.to_owned(), (endpoint, pin, client.clone()));
+        Ok(client)
+    }
+
+    /// Records the outcome of any attempt on a member.
+    fn note_attempt(&mut self, name: &str, result: Result<(), &ProxmoxError>) {
+        self.last_attempt.insert(name.to_owned(), Instant::now());
+        if let Err(ProxmoxError::CertificateMismatch { presented, pinned }) = result {
+            self.mismatches.push((name.to_owned(), *presented, *pinned));
+        }
+        let Some(member) = self.member_mut(name) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                member.reachable = Some(true);
+                member.last_error = None;
+            }
+            Err(ProxmoxError::CertificateMismatch { presented, pinned }) => {
+                member.reachable = Some(false);
+                member.last_error = Some(format!(
+                    "tls_mismatch: the certificate does not match its pin; it presented SHA-256 \
+                     fingerprint {presented}, but {pinned} is pinned"
+                ));
+            }
+            Err(error) => {
+                member.reachable = Some(false);
+                member.last_error = Some(error.to_string());
+            }
+        }
+    }
+
+    /// Takes an answer as the cluster's view: who is online, whether membership changed.
+    fn answered(&mut self, name: &str, status: StatusReport) {
+        self.preferred = Some(name.to_owned());
+        self.active = self.member(name).and_then(|m| m.endpoint.clone());
+        if let Some(member) = self.member_mut(name)
+            && member.registered
+            && member.name.is_empty()
+            && let Some(local) = status.local_node()
+        {
+            member.name = local.name.clone();
+            let renamed = local.name.clone();
+            self.clients.remove("");
+            self.preferred = Some(renamed);
+        }
+        if self.policy.discovery {
+            members::apply_online(&mut self.members, &status);
+            if members::lists_unknown_node(&self.members, &status)
+                || (self.config_version.is_some() && self.config_version != status.config_version)
+            {
+                self.rediscover = true;
+            }
+        } else {
+            self.members = members::from_status(&self.members, &status, &self.registered);
+        }
+        self.config_version = status.config_version;
+        let answering = self.preferred.clone().unwrap_or_default();
+        self.last_status = Some((answering, status));
+    }
+
+    fn report(&self) -> MemberReport {
+        let mut members = self.members.clone();
+        members::note_refusals(&mut members, &self.policy, self.channel);
+        members.retain(|m| !m.name.is_empty());
+        MemberReport {
+            members,
+            active: self.active.clone(),
+            pin: self.pin,
+        }
+    }
+}
+
 impl MonitorState {
     /// Keeps the period whatever a check took; checks missed while one ran long are skipped,
     /// not fired in a burst.
@@ -186,44 +428,96 @@ impl MonitorState {
         self.next_check.saturating_duration_since(now)
     }
 
+    /// Asks the members in turn until one answers. Only when none does is it a failure; a
+    /// member that sees no quorum gives way to one that does.
     async fn check(&mut self) -> CheckOutcome {
-        match self.check_once().await {
+        let candidates = self.roster.candidates();
+        let mut first_failure = None;
+        let mut minority_view = None;
+        for (index, name) in candidates.iter().enumerate() {
+            match self.check_member(name).await {
+                Ok((status, version)) => {
+                    self.roster.note_attempt(name, Ok(()));
+                    let others_left = index + 1 < candidates.len();
+                    if status.health.quorate == Some(false) && others_left {
+                        minority_view.get_or_insert((name.clone(), status, version));
+                        continue;
+                    }
+                    return self.answered(name, status, version);
+                }
+                Err(error) if member_failure(&error) => {
+                    self.roster.note_attempt(name, Err(&error));
+                    first_failure.get_or_insert(error);
+                }
+                // Proxmox answered, and what it said holds on every member.
+                Err(error) => return CheckOutcome::Failed(error),
+            }
+        }
+        if let Some((name, status, version)) = minority_view {
+            return self.answered(&name, status, version);
+        }
+        CheckOutcome::Failed(first_failure.unwrap_or_else(|| {
+            ProxmoxError::Unreachable("no member of the cluster can be contacted".into())
+        }))
+    }
+
+    fn answered(
+        &mut self,
+        name: &str,
+        status: StatusReport,
+        version: Option<String>,
+    ) -> CheckOutcome {
+        let health = status.health;
+        self.roster.answered(name, status);
+        CheckOutcome::Answered { health, version }
+    }
+
+    /// One member's answer; a rejected ticket is replaced once by a fresh login.
+    async fn check_member(
+        &mut self,
+        name: &str,
+    ) -> Result<(StatusReport, Option<String>), ProxmoxError> {
+        let client = self.roster.client(name)?;
+        match self.ask(&client).await {
             Err(ProxmoxError::SessionRejected(reason)) => {
                 self.session = None;
                 if matches!(self.credentials, Credentials::Token { .. }) {
                     self.credentials_rejected();
-                    return CheckOutcome::Failed(ProxmoxError::AuthenticationFailed);
+                    return Err(ProxmoxError::AuthenticationFailed);
                 }
                 // The ticket was revoked, or Proxmox rotated its key: log in once more now.
                 tracing::debug!(cluster_id = %self.cluster_id, %reason, "ticket rejected; logging in again");
-                self.check_once().await
+                self.ask(&client).await
             }
             other => other,
         }
-        .unwrap_or_else(CheckOutcome::Failed)
     }
 
-    async fn check_once(&mut self) -> Result<CheckOutcome, ProxmoxError> {
-        let session = self.session().await?;
+    async fn ask(
+        &mut self,
+        client: &ProxmoxClient,
+    ) -> Result<(StatusReport, Option<String>), ProxmoxError> {
+        let session = self.session(client).await?;
         let refresh_due = self
             .version_read_at
             .is_none_or(|at| at.elapsed() >= VERSION_REFRESH);
         let version = if self.version_due || refresh_due {
-            let version = self.client.version(&session).await?;
+            let version = client.version(&session).await?;
             self.version_due = false;
             self.version_read_at = Some(Instant::now());
             Some(version)
         } else {
             None
         };
-        let health = self.client.cluster_status(&session).await?;
+        let status = client.cluster_status(&session).await?;
         // Proxmox accepted the credentials: a later rejection starts the back-off afresh.
         self.login_backoff = None;
-        Ok(CheckOutcome::Answered { health, version })
+        Ok((status, version))
     }
 
-    /// A usable session: the current one, a renewed ticket, or a fresh login.
-    async fn session(&mut self) -> Result<Session, ProxmoxError> {
+    /// A usable session: the current one, a renewed ticket, or a fresh login, through
+    /// `client`. A ticket is valid on every member, so failing over never logs in again.
+    async fn session(&mut self, client: &ProxmoxClient) -> Result<Session, ProxmoxError> {
         match &self.session {
             Some(session @ Session::Token(_)) => return Ok(session.clone()),
             Some(Session::Ticket(ticket)) => {
@@ -231,10 +525,7 @@ impl MonitorState {
                     return Ok(Session::Ticket(ticket.clone()));
                 }
                 if ticket.age() < TICKET_LIFETIME
-                    && let Ok(renewed) = self
-                        .client
-                        .refresh(self.credentials.username(), ticket)
-                        .await
+                    && let Ok(renewed) = client.refresh(self.credentials.username(), ticket).await
                 {
                     let renewed = Session::Ticket(renewed);
                     self.session = Some(renewed.clone());
@@ -250,7 +541,7 @@ impl MonitorState {
         {
             return Err(ProxmoxError::AuthenticationFailed);
         }
-        match self.client.open_session(&self.credentials).await {
+        match client.open_session(&self.credentials).await {
             Ok(session) => {
                 self.version_due = true;
                 self.session = Some(session.clone());
@@ -279,6 +570,190 @@ impl MonitorState {
             next_attempt: Instant::now() + delay,
         });
     }
+
+    /// Between checks: probe members no check used lately, settle certificate mismatches and
+    /// re-discover members when due.
+    async fn maintain(&mut self) {
+        if !self.settings.members.discovery {
+            return;
+        }
+        self.probe_idle_members().await;
+        self.settle_mismatches().await;
+        let due = self.roster.rediscover
+            || self
+                .roster
+                .discovered_at
+                .is_none_or(|at| at.elapsed() >= DISCOVERY_INTERVAL);
+        if due && let Some((name, status)) = self.roster.last_status.clone() {
+            if let Err(e) = self.discover_through(&name, &status).await {
+                tracing::info!(cluster_id = %self.cluster_id, member = %name, error = %e, "member discovery failed; will retry");
+            }
+        }
+    }
+
+    /// Reads the member list from `name` and folds it in.
+    async fn discover_through(
+        &mut self,
+        name: &str,
+        status: &StatusReport,
+    ) -> Result<crate::proxmox::Discovery, ProxmoxError> {
+        let client = self.roster.client(name)?;
+        let session = self
+            .session
+            .clone()
+            .ok_or_else(|| ProxmoxError::SessionRejected("no session".into()))?;
+        let discovery = client.discover(&session, status).await;
+        match &discovery {
+            Ok(_) => self.roster.note_attempt(name, Ok(())),
+            Err(e) if member_failure(e) => self.roster.note_attempt(name, Err(e)),
+            Err(_) => {}
+        }
+        let discovery = discovery?;
+        let roster = &mut self.roster;
+        roster.members = members::merge(
+            &roster.members,
+            &discovery,
+            &roster.registered,
+            roster.channel,
+        );
+        roster.discovered_at = Some(Instant::now());
+        roster.rediscover = false;
+        Ok(discovery)
+    }
+
+    /// One authenticated `GET /version` to each member no check has used for a probe period,
+    /// so `reachable` stays current without hammering anyone.
+    async fn probe_idle_members(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let period = self.settings.probe_period();
+        let idle: Vec<String> = self
+            .roster
+            .members
+            .iter()
+            .filter(|m| self.roster.policy.may_contact(m, self.roster.channel))
+            .filter(|m| {
+                self.roster
+                    .last_attempt
+                    .get(&m.name)
+                    .is_none_or(|at| at.elapsed() >= period)
+            })
+            .map(|m| m.name.clone())
+            .collect();
+        for name in idle {
+            let result = match self.roster.client(&name) {
+                Ok(client) => client.ping(&session).await,
+                Err(e) => Err(e),
+            };
+            match &result {
+                // Proxmox answered: the member is reachable, whatever it thought of us.
+                Err(e) if !member_failure(e) => self.roster.note_attempt(&name, Ok(())),
+                other => self.roster.note_attempt(&name, other.as_ref().map(|_| ())),
+            }
+        }
+    }
+
+    /// A member presented a certificate other than its pin. Another member whose certificate
+    /// verified is asked for fresh join information: if it vouches for the presented
+    /// certificate, that becomes the pin; if not, the member stays refused.
+    async fn settle_mismatches(&mut self) {
+        let mismatches = std::mem::take(&mut self.roster.mismatches);
+        for (name, presented, pinned) in mismatches {
+            let recently = self
+                .roster
+                .last_mismatch_discovery
+                .is_some_and(|at| at.elapsed() < MISMATCH_DISCOVERY_SPACING);
+            if recently || self.roster.channel != ChannelTrust::Verified {
+                continue;
+            }
+            let voucher = self.roster.candidates().into_iter().find(|m| {
+                *m != name && self.roster.member(m).and_then(|m| m.reachable) == Some(true)
+            });
+            let Some(voucher) = voucher else {
+                if let Some(member) = self.roster.member_mut(&name) {
+                    member.last_error = Some(format!(
+                        "tls_mismatch: the certificate changed and no other member can vouch \
+                         for it; it now presents SHA-256 fingerprint {presented}, but {pinned} \
+                         is pinned"
+                    ));
+                }
+                continue;
+            };
+            self.roster.last_mismatch_discovery = Some(Instant::now());
+            let status = match self.status_of(&voucher).await {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot ask a member to vouch for a changed certificate");
+                    continue;
+                }
+            };
+            let vouched = match self.discover_through(&voucher, &status).await {
+                Ok(discovery) => discovery.fingerprint_of(&name) == Some(presented),
+                Err(e) => {
+                    tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot read join information to vouch for a changed certificate");
+                    continue;
+                }
+            };
+            self.adopt_or_refuse(&name, &voucher, presented, pinned, vouched);
+        }
+    }
+
+    async fn status_of(&mut self, name: &str) -> Result<StatusReport, ProxmoxError> {
+        let client = self.roster.client(name)?;
+        let session = self
+            .session
+            .clone()
+            .ok_or_else(|| ProxmoxError::SessionRejected("no session".into()))?;
+        client.cluster_status(&session).await
+    }
+
+    fn adopt_or_refuse(
+        &mut self,
+        name: &str,
+        voucher: &str,
+        presented: Fingerprint,
+        pinned: Fingerprint,
+        vouched: bool,
+    ) {
+        let roster = &mut self.roster;
+        let Some(member) = roster.members.iter_mut().find(|m| m.name == name) else {
+            return;
+        };
+        if vouched {
+            tracing::warn!(
+                cluster_id = %self.cluster_id,
+                member = %name,
+                vouched_by = %voucher,
+                old = %pinned,
+                new = %presented,
+                "a member's certificate was renewed; adopting the fingerprint another member vouches for"
+            );
+            member.fingerprint = Some(presented);
+            member.last_error = None;
+            member.reachable = None;
+            if member.registered && roster.pin.is_some() {
+                roster.pin = Some(presented);
+            }
+            roster.clients.remove(name);
+            // Try it again at the next maintenance rather than waiting a probe period.
+            roster.last_attempt.remove(name);
+        } else {
+            tracing::warn!(
+                cluster_id = %self.cluster_id,
+                member = %name,
+                asked = %voucher,
+                presented = %presented,
+                pinned = %pinned,
+                "a member presents a certificate no verified member vouches for; not contacting it"
+            );
+            member.last_error = Some(format!(
+                "tls_mismatch: the certificate does not match its pin and {voucher} does not \
+                 vouch for it; it presented SHA-256 fingerprint {presented}, but {pinned} is \
+                 pinned"
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -301,5 +776,19 @@ mod tests {
             first_check_delay(ClusterId::now_v7(), Duration::from_millis(100))
                 < Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn only_failures_of_the_member_itself_fail_over() {
+        assert!(member_failure(&ProxmoxError::Unreachable("refused".into())));
+        assert!(member_failure(&ProxmoxError::Timeout(Duration::from_secs(
+            1
+        ))));
+        assert!(member_failure(&ProxmoxError::Http {
+            status: 596,
+            reason: "Broken pipe".into()
+        }));
+        assert!(!member_failure(&ProxmoxError::AuthenticationFailed));
+        assert!(!member_failure(&ProxmoxError::Forbidden("no".into())));
     }
 }

@@ -16,6 +16,7 @@ use crate::cluster::{CheckOutcome, Cluster, ClusterView, Transition};
 use crate::domain::{ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, StatusReason};
 use crate::events::{EventHub, EventKind, Subscription};
 use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg, MonitorSettings};
+use crate::proxmox::members::{self, ChannelTrust, Member, MemberReport};
 use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
 use crate::secrets::{SecretsError, Vault};
 use crate::store::{ClusterRecord, Store, StoreError};
@@ -59,7 +60,7 @@ pub struct NewCluster {
     pub credentials: Credentials,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegistrySettings {
     pub monitor: MonitorSettings,
     pub failure_threshold: u32,
@@ -89,6 +90,14 @@ pub enum RegistryMsg {
         cluster: ClusterId,
         generation: u64,
         outcome: CheckOutcome,
+        members: MemberReport,
+    },
+    /// A monitor learned something about the members between checks (a discovery, a probe,
+    /// an adopted pin).
+    MembersChanged {
+        cluster: ClusterId,
+        generation: u64,
+        members: MemberReport,
     },
     RestartMonitor(ClusterId),
     Flush,
@@ -273,7 +282,13 @@ impl Actor for RegistryActor {
                 cluster,
                 generation,
                 outcome,
-            } => on_check_completed(state, cluster, generation, outcome),
+                members,
+            } => on_check_completed(state, cluster, generation, Some(outcome), members),
+            RegistryMsg::MembersChanged {
+                cluster,
+                generation,
+                members,
+            } => on_check_completed(state, cluster, generation, None, members),
             RegistryMsg::RestartMonitor(id) => {
                 if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
                     spawn_monitor(&myself, state, id, None).await;
@@ -387,8 +402,9 @@ fn on_register(
     // The same budget as a monitor's check, so the caller's wait (a little longer) never
     // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
     let deadline = state.settings.monitor.check_deadline();
+    let discover = state.settings.monitor.members.discovery;
     let probe = tokio::spawn(async move {
-        let result = tokio::time::timeout(deadline, client.probe(&credentials))
+        let result = tokio::time::timeout(deadline, client.probe(&credentials, discover))
             .await
             .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
         let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
@@ -439,7 +455,9 @@ async fn commit_registration(
     let credential = state
         .vault
         .seal(request.credentials.secret(), id.as_bytes())?;
-    let (status, status_reason) = crate::cluster::assess(&report.health);
+    let (status, status_reason) = crate::cluster::assess(&report.status.health);
+    let members = registration_members(state, &request, &report);
+    let active_endpoint = Some(request.endpoint.clone());
     let record = ClusterRecord {
         format: ClusterRecord::FORMAT,
         id,
@@ -451,15 +469,17 @@ async fn commit_registration(
         credential,
         fingerprint: request.fingerprint,
         proxmox_version: report.version,
-        node_count: report.health.node_count,
-        nodes_online: report.health.nodes_online,
-        quorate: report.health.quorate,
+        node_count: report.status.health.node_count,
+        nodes_online: report.status.health.nodes_online,
+        quorate: report.status.health.quorate,
         status,
         status_reason,
         last_error: None,
         last_checked_at: Some(now),
         created_at: now,
         updated_at: now,
+        members,
+        active_endpoint,
     };
     let cluster = Cluster::registered(record, request.credentials);
     let to_write = [(cluster.record.clone(), Some(cluster.history()))];
@@ -498,7 +518,8 @@ fn on_check_completed(
     state: &mut RegistryState,
     id: ClusterId,
     generation: u64,
-    outcome: CheckOutcome,
+    outcome: Option<CheckOutcome>,
+    members: MemberReport,
 ) {
     // A report from a monitor that has since been replaced or deleted is stale.
     if state.monitors.get(&id).map(|m| m.generation) != Some(generation) {
@@ -509,24 +530,61 @@ fn on_check_completed(
     let Some(cluster) = state.clusters.get_mut(&id) else {
         return;
     };
-    let failure = match &outcome {
-        CheckOutcome::Failed(error) => Some(error.status_reason()),
-        CheckOutcome::Answered { .. } => None,
-    };
-    let effect = cluster.apply_check(outcome, threshold, Utc::now());
-    if let Some(reason) = failure {
-        metrics::counter!("proxmoxer_check_failures_total", "reason" => reason.to_string())
-            .increment(1);
+    let now = Utc::now();
+    let mut effect = crate::cluster::CheckEffect::default();
+    if let Some(outcome) = outcome {
+        if let CheckOutcome::Failed(error) = &outcome {
+            metrics::counter!("proxmoxer_check_failures_total", "reason" => error.status_reason().to_string())
+                .increment(1);
+        }
+        effect = cluster.apply_check(outcome, threshold, now);
+        if let Some((old, new)) = effect.status_change {
+            log_status_change(cluster, old, new);
+        }
     }
-    if let Some((old, new)) = effect.status_change {
-        log_status_change(cluster, old, new);
+    let members_effect = cluster.apply_members(members, now);
+    if effect.history_changed || members_effect.history_changed {
         state.history_dirty.insert(id);
     }
-    if effect.changed {
+    if effect.changed || members_effect.changed {
         let view = cluster.view(stale_after);
         state.dirty.insert(id);
         publish(state, EventKind::Updated, &view);
     }
+}
+
+/// The members a registration starts with: the discovered ones under the registration's
+/// trust, or what `/cluster/status` lists when discovery is off.
+fn registration_members(
+    state: &RegistryState,
+    request: &NewCluster,
+    report: &ProbeReport,
+) -> Vec<Member> {
+    let local = report
+        .status
+        .local_node()
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let start = vec![Member::registered(&local, &request.endpoint)];
+    let policy = &state.settings.monitor.members;
+    let trust = ChannelTrust::of(
+        &request.endpoint,
+        request.fingerprint,
+        state.trust.insecure_skip_verify(),
+    );
+    let mut list = match &report.discovery {
+        Some(discovery) => members::merge(&start, discovery, &request.endpoint, trust),
+        None => members::from_status(&start, &report.status, &request.endpoint),
+    };
+    members::apply_online(&mut list, &report.status);
+    for member in &mut list {
+        if member.registered {
+            member.reachable = Some(true);
+        }
+    }
+    members::note_refusals(&mut list, policy, trust);
+    list.retain(|m| !m.name.is_empty());
+    list
 }
 
 fn publish(state: &mut RegistryState, kind: EventKind, view: &ClusterView) {
@@ -606,8 +664,9 @@ async fn spawn_monitor(
         fingerprint: cluster.record.fingerprint,
         trust: state.trust.clone(),
         credentials: cluster.credentials.clone(),
+        members: cluster.record.members.clone(),
         session,
-        settings: state.settings.monitor,
+        settings: state.settings.monitor.clone(),
         registry: myself.clone(),
     };
     match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
@@ -683,6 +742,8 @@ mod tests {
             last_checked_at: None,
             created_at: now,
             updated_at: now,
+            members: Vec::new(),
+            active_endpoint: None,
         };
         let credentials = Credentials::Password {
             username: record.username.clone(),
@@ -699,6 +760,7 @@ mod tests {
                     monitor: MonitorSettings {
                         interval: Duration::from_millis(50),
                         proxmox_timeout: Duration::from_secs(1),
+                        members: crate::proxmox::members::MemberPolicy::default(),
                     },
                     failure_threshold: 3,
                 },

@@ -21,6 +21,7 @@ use crate::domain::{
     AuthMethod, ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, ProxmoxUser, Secret,
     StatusReason, TokenId,
 };
+use crate::proxmox::members::Member;
 use crate::secrets::SealedSecret;
 use crate::tls::Fingerprint;
 
@@ -88,6 +89,12 @@ pub struct ClusterRecord {
     pub last_checked_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Every known member with its pin, so failover works after a restart.
+    #[serde(default)]
+    pub members: Vec<Member>,
+    /// The endpoint that answered the newest check.
+    #[serde(default)]
+    pub active_endpoint: Option<Endpoint>,
 }
 
 impl ClusterRecord {

@@ -156,6 +156,11 @@ impl TrustAnchors {
         })
     }
 
+    /// Whether certificates of unpinned clusters are accepted unverified.
+    pub fn insecure_skip_verify(&self) -> bool {
+        self.insecure_skip_verify
+    }
+
     /// A rustls client configuration for one cluster, and the handle through which it reports
     /// the certificate each handshake saw.
     pub fn client_config(

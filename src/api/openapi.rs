@@ -7,6 +7,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::cluster::{ClusterView, Transition};
 use crate::domain::{AuthMethod, ClusterStatus, StatusReason};
+use crate::proxmox::members::MemberView;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +28,7 @@ use crate::domain::{AuthMethod, ClusterStatus, StatusReason};
     ),
     components(schemas(
         ClusterView,
+        MemberView,
         ClusterList,
         RegisterRequest,
         ErrorBody,

@@ -8,10 +8,17 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
-use serde::de::{self, DeserializeOwned, Deserializer};
+use serde::de::DeserializeOwned;
 
 use crate::domain::{Credentials, Endpoint, ProxmoxUser, Secret, StatusReason};
 use crate::tls::{Fingerprint, PresentedCertificate, TrustAnchors};
+
+pub mod members;
+mod wire;
+
+pub use members::{DiscoveredMember, Discovery};
+pub use wire::{ClusterHealth, StatusNode, StatusReport};
+use wire::{JoinInfoData, LoginData, NodeEntry, StatusEntry, VersionData};
 
 /// pveproxy drops keep-alive connections idle for 5 s; reusing one races that close.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -117,20 +124,16 @@ impl Session {
     }
 }
 
-/// The parts of `/cluster/status` the status rules need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClusterHealth {
-    /// `None` for a standalone node, which has no quorum to speak of.
-    pub quorate: Option<bool>,
-    pub node_count: u32,
-    pub nodes_online: u32,
-}
-
 /// What registration learns from Proxmox.
 #[derive(Debug, Clone)]
 pub struct ProbeReport {
+    /// The full pve-manager version.
     pub version: String,
-    pub health: ClusterHealth,
+    /// `/cluster/status` as the registered endpoint answered it.
+    pub status: StatusReport,
+    /// Who the members are, when discovery is on.
+    pub discovery: Option<Discovery>,
+    /// The session the monitor takes over, so a new cluster costs one login.
     pub session: Session,
 }
 
@@ -176,18 +179,35 @@ impl ProxmoxClient {
         })
     }
 
-    /// Logs in, then reads the version and the cluster status: everything registration needs.
-    pub async fn probe(&self, credentials: &Credentials) -> Result<ProbeReport, ProxmoxError> {
+    /// Logs in, then reads the version, the cluster status and (with `discover`) the members:
+    /// everything registration needs.
+    pub async fn probe(
+        &self,
+        credentials: &Credentials,
+        discover: bool,
+    ) -> Result<ProbeReport, ProxmoxError> {
         let session = self.open_session(credentials).await?;
         let version = self.version(&session).await.map_err(|e| match e {
             // A token is first tried here; its rejection is a credential failure.
             ProxmoxError::SessionRejected(_) => ProxmoxError::AuthenticationFailed,
             other => other,
         })?;
-        let health = self.cluster_status(&session).await?;
+        let status = self.cluster_status(&session).await?;
+        let discovery = if discover {
+            Some(match self.discover(&session, &status).await {
+                Ok(discovery) => discovery,
+                Err(e) => {
+                    tracing::info!(endpoint = %self.endpoint, error = %e, "cannot discover members; listing those /cluster/status names");
+                    Discovery::from_status_and_nodes(&status, &[])
+                }
+            })
+        } else {
+            None
+        };
         Ok(ProbeReport {
             version,
-            health,
+            status,
+            discovery,
             session,
         })
     }
@@ -273,15 +293,55 @@ impl ProxmoxClient {
     }
 
     /// `GET /cluster/status`, which needs Sys.Audit on `/`.
-    pub async fn cluster_status(&self, session: &Session) -> Result<ClusterHealth, ProxmoxError> {
+    pub async fn cluster_status(&self, session: &Session) -> Result<StatusReport, ProxmoxError> {
         let entries: Vec<StatusEntry> = self.get("/cluster/status", session).await?;
-        let health = health_from_entries(&entries);
-        if health.node_count == 0 {
+        let report = StatusReport::from_entries(&entries);
+        if report.health.node_count == 0 {
             return Err(ProxmoxError::BadResponse(
                 "/cluster/status lists no node".into(),
             ));
         }
-        Ok(health)
+        Ok(report)
+    }
+
+    /// `GET /cluster/config/join` (Sys.Audit on `/`): every member with the address pveproxy
+    /// uses for it and the fingerprint of the certificate it serves, offline ones included.
+    async fn join_info(&self, session: &Session) -> Result<JoinInfoData, ProxmoxError> {
+        self.get("/cluster/config/join", session).await
+    }
+
+    /// `GET /nodes`: every node with its `ssl_fingerprint`.
+    async fn nodes(&self, session: &Session) -> Result<Vec<NodeEntry>, ProxmoxError> {
+        self.get("/nodes", session).await
+    }
+
+    /// Who the cluster's members are, asked of this endpoint. `status` is this endpoint's
+    /// `/cluster/status`, which names the answering node and is the fallback when join
+    /// information is unavailable.
+    pub async fn discover(
+        &self,
+        session: &Session,
+        status: &StatusReport,
+    ) -> Result<Discovery, ProxmoxError> {
+        match self.join_info(session).await {
+            Ok(info) => Ok(Discovery::from_join_info(info)),
+            Err(e) if members::is_not_in_a_cluster(&e) => Ok(Discovery::standalone(status)),
+            Err(e) => {
+                tracing::info!(endpoint = %self.endpoint, error = %e, "cannot read join information; learning members from /cluster/status and /nodes instead");
+                let nodes = self.nodes(session).await?;
+                Ok(Discovery::from_status_and_nodes(status, &nodes))
+            }
+        }
+    }
+
+    /// `GET /version` as a reachability probe; only whether it answers matters.
+    pub async fn ping(&self, session: &Session) -> Result<(), ProxmoxError> {
+        self.version(session).await.map(|_| ())
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     async fn get<T: DeserializeOwned>(
@@ -480,113 +540,9 @@ fn check_status(response: Response) -> Result<Response, ProxmoxError> {
     })
 }
 
-#[derive(Deserialize)]
-struct LoginData {
-    ticket: String,
-    #[serde(rename = "CSRFPreventionToken")]
-    csrf_token: String,
-    #[serde(rename = "NeedTFA", default, deserialize_with = "perl_bool")]
-    need_tfa: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct VersionData {
-    version: String,
-}
-
-/// One entry of `/cluster/status`. Unknown fields and entry types are ignored.
-#[derive(Debug, Deserialize)]
-struct StatusEntry {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default, deserialize_with = "perl_bool")]
-    quorate: Option<bool>,
-    #[serde(default, deserialize_with = "perl_bool")]
-    online: Option<bool>,
-}
-
-fn health_from_entries(entries: &[StatusEntry]) -> ClusterHealth {
-    // Entry order is Perl hash order: never assume the cluster entry comes first.
-    let quorate = entries
-        .iter()
-        .find(|e| e.kind == "cluster")
-        .map(|e| e.quorate.unwrap_or(false));
-    let nodes = entries.iter().filter(|e| e.kind == "node");
-    let node_count = nodes.clone().count();
-    let nodes_online = nodes.filter(|e| e.online.unwrap_or(false)).count();
-    ClusterHealth {
-        quorate,
-        node_count: u32::try_from(node_count).unwrap_or(u32::MAX),
-        nodes_online: u32::try_from(nodes_online).unwrap_or(u32::MAX),
-    }
-}
-
-/// Perl hands booleans through as 0/1, and occasionally as strings; accept them all, as
-/// Proxmox's own `proxmox_serde::perl` does.
-fn perl_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
-    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
-    Ok(match value {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Bool(b)) => Some(b),
-        Some(serde_json::Value::Number(n)) => Some(n.as_f64().is_some_and(|n| n != 0.0)),
-        Some(serde_json::Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => Some(true),
-            "0" | "false" | "no" | "off" | "" => Some(false),
-            other => return Err(de::Error::custom(format!("not a boolean: {other}"))),
-        },
-        Some(other) => return Err(de::Error::custom(format!("not a boolean: {other}"))),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entries(json: &str) -> Vec<StatusEntry> {
-        serde_json::from_str(json).expect("valid status json")
-    }
-
-    #[test]
-    fn clustered_status_counts_offline_nodes_whatever_the_order() {
-        let health = health_from_entries(&entries(
-            r#"[
-            {"type":"node","id":"node/pve3","name":"pve3","nodeid":3,"local":0,"online":0,"level":"c"},
-            {"type":"cluster","id":"cluster","name":"prod","nodes":3,"quorate":1,"version":7},
-            {"type":"node","id":"node/pve1","name":"pve1","nodeid":1,"local":1,"online":1,"level":""},
-            {"type":"node","id":"node/pve2","name":"pve2","nodeid":2,"local":0,"online":"1","level":""}]"#,
-        ));
-        assert_eq!(
-            health,
-            ClusterHealth {
-                quorate: Some(true),
-                node_count: 3,
-                nodes_online: 2
-            }
-        );
-    }
-
-    #[test]
-    fn standalone_node_has_no_quorum_entry() {
-        let health = health_from_entries(&entries(
-            r#"[{"type":"node","id":"node/pve","name":"pve","nodeid":0,"ip":"192.168.1.10","local":1,"online":1,"level":""}]"#,
-        ));
-        assert_eq!(
-            health,
-            ClusterHealth {
-                quorate: None,
-                node_count: 1,
-                nodes_online: 1
-            }
-        );
-    }
-
-    #[test]
-    fn lost_quorum_reads_as_not_quorate() {
-        let health = health_from_entries(&entries(
-            r#"[{"type":"cluster","quorate":0},{"type":"node","online":1},{"type":"node","online":0}]"#,
-        ));
-        assert_eq!(health.quorate, Some(false));
-    }
 
     #[test]
     fn errors_map_to_stable_reasons() {
