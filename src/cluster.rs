@@ -95,13 +95,13 @@ impl Cluster {
             member: None,
         };
         Self {
+            last_active: record.active_endpoint.clone(),
             record,
             credentials,
             history: VecDeque::from([first]),
             consecutive_failures: 0,
             last_check: Some(Instant::now()),
             last_success: Some(Instant::now()),
-            last_active: None,
         }
     }
 
@@ -535,6 +535,72 @@ mod tests {
         };
         assert!(cluster.apply_check(upgraded, 3, later).changed);
         assert_eq!(cluster.record.updated_at, later);
+    }
+
+    fn member(name: &str, endpoint: &str, fingerprint: u8) -> crate::proxmox::members::Member {
+        let mut member = crate::proxmox::members::Member::registered(
+            name,
+            &Endpoint::parse(endpoint).expect("endpoint"),
+        );
+        member.registered = false;
+        member.fingerprint =
+            Some(Fingerprint::parse(&hex::encode([fingerprint; 32])).expect("fingerprint"));
+        member
+    }
+
+    #[test]
+    fn member_changes_go_into_the_history() {
+        let mut cluster = sample();
+        let pve1 = member("pve1", "https://127.0.0.2:8006", 1);
+        let pve2 = member("pve2", "https://127.0.0.3:8006", 2);
+        let pve3 = member("pve3", "https://127.0.0.4:8006", 3);
+        let report = |members: Vec<crate::proxmox::members::Member>, active: &str| MemberReport {
+            members,
+            active: Some(Endpoint::parse(active).expect("endpoint")),
+            pin: None,
+        };
+        let first = cluster.apply_members(
+            report(vec![pve1.clone(), pve2.clone()], "https://127.0.0.2:8006"),
+            Utc::now(),
+        );
+        assert!(first.changed);
+        assert!(!first.history_changed, "nothing to compare with yet");
+        let same = cluster.apply_members(
+            report(vec![pve1.clone(), pve2.clone()], "https://127.0.0.2:8006"),
+            Utc::now(),
+        );
+        assert!(!same.changed);
+        let rotated = member("pve2", "https://127.0.0.3:8006", 9);
+        let effect = cluster.apply_members(
+            report(vec![pve1.clone(), rotated, pve3], "https://127.0.0.3:8006"),
+            Utc::now(),
+        );
+        assert!(effect.changed && effect.history_changed);
+        let entries: Vec<(StatusReason, Option<String>)> = cluster
+            .history_newest_first()
+            .into_iter()
+            .take(3)
+            .map(|t| (t.reason, t.member))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                (StatusReason::Failover, Some("pve2".into())),
+                (StatusReason::MemberJoined, Some("pve3".into())),
+                (StatusReason::PinRotated, Some("pve2".into())),
+            ]
+        );
+        cluster.apply_members(report(vec![pve1], "https://127.0.0.3:8006"), Utc::now());
+        let left: Vec<_> = cluster
+            .history_newest_first()
+            .into_iter()
+            .take(2)
+            .map(|t| (t.reason, t.member))
+            .collect();
+        assert!(
+            left.contains(&(StatusReason::MemberLeft, Some("pve3".into()))),
+            "{left:?}"
+        );
     }
 
     #[test]
