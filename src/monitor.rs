@@ -584,10 +584,11 @@ impl MonitorState {
                 .roster
                 .discovered_at
                 .is_none_or(|at| at.elapsed() >= DISCOVERY_INTERVAL);
-        if due && let Some((name, status)) = self.roster.last_status.clone() {
-            if let Err(e) = self.discover_through(&name, &status).await {
-                tracing::info!(cluster_id = %self.cluster_id, member = %name, error = %e, "member discovery failed; will retry");
-            }
+        if due
+            && let Some((name, status)) = self.roster.last_status.clone()
+            && let Err(e) = self.discover_through(&name, &status).await
+        {
+            tracing::info!(cluster_id = %self.cluster_id, member = %name, error = %e, "member discovery failed; will retry");
         }
     }
 

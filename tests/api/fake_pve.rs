@@ -3,7 +3,7 @@
 //! It serves plain HTTP ([`FakePve::start`]) or HTTPS ([`FakePve::start_tls`]) on `127.0.0.1` and
 //! reproduces what `proxmoxer` relies on, including the awkward parts of the real server (sources:
 //! `pve-api-facts.md`, pve-http-server `AnyEvent.pm`, pve-manager `HTTPServer.pm`,
-//! pve-access-control, pve-cluster `Setup.pm`):
+//! pve-access-control, pve-cluster `Setup.pm` and `ClusterConfig.pm`):
 //!
 //! - auth failures are 401s with the cause in the reason phrase and an empty body, padded to
 //!   [`DEFAULT_AUTH_FAILURE_DELAY`] after the request started;
@@ -14,15 +14,32 @@
 //!   after 100 requests;
 //! - `/cluster/status` and `/nodes` come back in a different order on every call, with 0/1
 //!   integers instead of booleans;
+//! - `/cluster/config/join` (join info) lists every member, offline ones included, in a different
+//!   order on every call, with `nodeid` and `quorum_votes` sometimes strings and sometimes
+//!   numbers (they come from corosync.conf); a standalone node fails it with 500 (424 from 9.0);
 //! - in HTTPS mode, a node certificate signed by a per-fake cluster CA (like `pve-ssl.pem` and
-//!   `pve-root-ca.pem`), reported as the answering node's `ssl_fingerprint`; renewal with
-//!   [`FakePve::rotate_certificate`] behaves like a pveproxy reload; plain HTTP sent to the HTTPS
-//!   port is redirected to `https://` (pve-http-server ≥ 4.2-1).
+//!   `pve-root-ca.pem`), reported as the answering node's `ssl_fingerprint` and join info
+//!   `pve_fp`; renewal with [`FakePve::rotate_certificate`] behaves like a pveproxy reload; plain
+//!   HTTP sent to the HTTPS port is redirected to `https://` (pve-http-server ≥ 4.2-1).
+//!
+//! Every address the fake reports is a loopback address. With one listener, the answering node
+//! reports `127.0.0.1`, where it listens, and the other nodes `127.0.1.<nodeid>`, where nothing
+//! listens, so a client that tries them gets "connection refused".
+//!
+//! Multi-node mode ([`FakePve::start_cluster`], [`FakePve::start_cluster_tls`]): one shared
+//! cluster state (users, tokens, tickets, topology, clock, counters) and one listener per member,
+//! all on the same port: the first member on `127.0.0.2`, the next on `127.0.0.3`, and so on. Each
+//! member answers as itself (`local: 1`, `preferred_node`), tickets from one member work on all
+//! of them (the authkey is cluster-wide), and in HTTPS mode each member serves its own
+//! certificate from the one cluster CA. [`FakePve::member`] gives a [`FakeMember`] handle to stop,
+//! partition, re-certify or count one member; [`FakePve::add_member`] and
+//! [`FakePve::remove_member`] change the membership (and the corosync config version).
 //!
 //! Not reproduced: RSA keys (the certificates use ECDSA P-256, which is quicker to generate),
 //! gzip bodies, the `/api2/extjs` and `/api2/html` formatters, forwarding to other nodes (fake
 //! 595/596 with [`FakePve::fail_all`]), completing a second factor (every `tfa-challenge` answer
-//! fails), authkey rotation (use [`FakePve::invalidate_tickets`]), and ACL paths other than `/`.
+//! fails), authkey rotation (use [`FakePve::invalidate_tickets`]), ACL paths other than `/`, and
+//! IPv6 node addresses.
 
 // Shared by every test module of the `api` binary; each test uses only some of the controls.
 #![allow(dead_code)]
@@ -31,7 +48,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -105,12 +122,32 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const CA_VALIDITY_DAYS: i64 = 3650;
 const NODE_CERT_VALIDITY_DAYS: i64 = 730;
 
-/// A handle on a running fake Proxmox VE server. Clones share the same server; the server stops
-/// when the last clone is dropped.
+/// How many ports [`FakePve::start_cluster`] tries before giving up: another process may hold the
+/// port the kernel picked for the first member on one of the other member addresses.
+const CLUSTER_BIND_ATTEMPTS: usize = 20;
+/// The last octet of the first member's address in multi-node mode: `127.0.0.2`, so that no
+/// member shares `127.0.0.1` with the single-listener fakes and the daemon under test.
+const FIRST_MEMBER_HOST: u8 = 2;
+/// Third octet of the addresses reported for nodes without a listener: `127.0.1.<nodeid>`.
+const UNREACHABLE_NET: u8 = 1;
+/// Third octet of the corosync ring addresses: `127.0.2.<nodeid>`.
+const RING_NET: u8 = 2;
+
+/// A handle on a running fake Proxmox VE server (one listener, or one per member in multi-node
+/// mode). Clones share the same server; the server stops when the last clone (or
+/// [`FakeMember`]) is dropped.
 #[derive(Clone)]
 pub struct FakePve {
     shared: Arc<Shared>,
-    _server: Arc<ServerTask>,
+    fleet: Arc<Fleet>,
+}
+
+/// A handle on one member of a multi-node fake, from [`FakePve::member`]: its own listener on the
+/// shared cluster state. It keeps the whole fake running.
+#[derive(Clone)]
+pub struct FakeMember {
+    fake: FakePve,
+    member: Arc<Member>,
 }
 
 /// One request as the fake received it.
@@ -130,13 +167,12 @@ impl RecordedRequest {
     }
 }
 
+/// What every listener of a fake shares: the cluster as pmxcfs would hold it.
 struct Shared {
-    addr: SocketAddr,
+    /// [`FakePve::set_down`], for every listener at once.
     down: AtomicBool,
     keep_alive_idle_ms: AtomicU64,
     state: Mutex<FakeState>,
-    /// Set in HTTPS mode.
-    tls: Option<TlsState>,
 }
 
 impl Shared {
@@ -146,12 +182,140 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn is_down(&self) -> bool {
-        self.down.load(Ordering::SeqCst)
-    }
-
     fn keep_alive_idle(&self) -> Duration {
         Duration::from_millis(self.keep_alive_idle_ms.load(Ordering::SeqCst))
+    }
+}
+
+/// One listener: the pveproxy of one node.
+struct Member {
+    /// The node this listener answers as; `None` with a single listener, which answers as
+    /// whichever node comes first in the topology (see [`FakePve::set_cluster`]).
+    node: Option<String>,
+    addr: SocketAddr,
+    /// [`FakeMember::stop`] (or [`FakePve::remove_member`]).
+    stopped: AtomicBool,
+    /// Set in HTTPS mode.
+    tls: Option<TlsState>,
+    stats: Mutex<MemberStats>,
+    /// TCP connections accepted, whatever happened next.
+    connections: AtomicU64,
+}
+
+/// Requests one listener received; the cluster-wide counters are in [`Stats`].
+#[derive(Default)]
+struct MemberStats {
+    total: u64,
+    per_path: HashMap<String, u64>,
+    /// Requests that carried a ticket or an API token, valid or not.
+    authenticated: u64,
+}
+
+impl Member {
+    fn new(node: Option<&str>, addr: SocketAddr, tls: Option<TlsState>) -> Self {
+        Self {
+            node: node.map(str::to_owned),
+            addr,
+            stopped: AtomicBool::new(false),
+            tls,
+            stats: Mutex::new(MemberStats::default()),
+            connections: AtomicU64::new(0),
+        }
+    }
+
+    fn is_down(&self, shared: &Shared) -> bool {
+        self.stopped.load(Ordering::SeqCst) || shared.down.load(Ordering::SeqCst)
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    fn tls(&self) -> &TlsState {
+        self.tls.as_ref().expect(
+            "the fake Proxmox VE serves plain HTTP; start it with start_tls or start_cluster_tls",
+        )
+    }
+
+    fn stats(&self) -> MutexGuard<'_, MemberStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, parts: &Parts) {
+        let mut stats = self.stats();
+        stats.total += 1;
+        *stats
+            .per_path
+            .entry(parts.uri.path().to_owned())
+            .or_default() += 1;
+        if carries_credentials(&parts.headers) {
+            stats.authenticated += 1;
+        }
+    }
+
+    /// The name of the node this listener answers as.
+    fn node_name(&self, state: &FakeState) -> String {
+        match &self.node {
+            Some(name) => name.clone(),
+            None => state.topology.nodes()[0].name.clone(),
+        }
+    }
+
+    /// Serves a fresh certificate for this node, signed by the cluster CA or by itself, and
+    /// returns its fingerprint.
+    fn renew(&self, shared: &Shared, self_signed: bool) -> String {
+        let node = self.node_name(&shared.lock());
+        let tls = self.tls();
+        let cert = if self_signed {
+            NodeCert::self_signed(&node, &tls.addresses)
+        } else {
+            tls.ca.issue(&node, &tls.addresses)
+        };
+        tls.serve(cert)
+    }
+
+    /// Records `fingerprint` as this node's certificate in the cluster filesystem, where join
+    /// info and `/nodes` read it.
+    fn vouch(&self, state: &mut FakeState, fingerprint: String) {
+        match &self.node {
+            None => state.tls_fingerprint = Some(fingerprint),
+            Some(name) => {
+                if let Some(node) = state.topology.node_mut(name) {
+                    node.fingerprint = fingerprint;
+                }
+            }
+        }
+    }
+}
+
+/// The listeners of a fake. Only [`FakePve`] handles hold it, never the server tasks (they hold
+/// [`Shared`] and their own [`Member`]), so dropping the last handle stops every listener.
+struct Fleet {
+    /// Started with [`FakePve::start_cluster`] or [`FakePve::start_cluster_tls`].
+    multi: bool,
+    /// The first listener, which [`FakePve::url`] and the TLS getters refer to.
+    primary: Arc<Member>,
+    /// The cluster CA in HTTPS mode.
+    ca: Option<Arc<ClusterCa>>,
+    roster: Mutex<Roster>,
+}
+
+struct Roster {
+    seats: Vec<Seat>,
+    /// The last octet of the address for the next member that joins.
+    next_host: u8,
+}
+
+/// A member and its running server.
+struct Seat {
+    member: Arc<Member>,
+    _server: ServerTask,
+}
+
+impl Fleet {
+    fn roster(&self) -> MutexGuard<'_, Roster> {
+        self.roster.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -163,12 +327,84 @@ impl Drop for ServerTask {
     }
 }
 
+/// What a handler and a connection need: the cluster and the listener the request came in on.
+#[derive(Clone)]
+struct Ctx {
+    shared: Arc<Shared>,
+    member: Arc<Member>,
+}
+
+/// Runs the HTTP server for `member` on `listener`.
+fn serve(shared: &Arc<Shared>, member: &Arc<Member>, listener: TcpListener) -> ServerTask {
+    let app = Router::new().fallback(handle).with_state(Ctx {
+        shared: Arc::clone(shared),
+        member: Arc::clone(member),
+    });
+    let listener = FakeListener {
+        listener,
+        shared: Arc::clone(shared),
+        member: Arc::clone(member),
+    };
+    ServerTask(tokio::spawn(async move {
+        let make_service = app.into_make_service_with_connect_info::<ConnInfo>();
+        if let Err(error) = axum::serve(listener, make_service).await {
+            eprintln!("fake Proxmox VE server stopped: {error}");
+        }
+    }))
+}
+
+/// Binds one listener per member on `127.0.0.2`, `127.0.0.3`, … with one port for all: the one
+/// the kernel picks for the first. Another process may hold that port on a later address; then
+/// everything is dropped and tried again with a new port.
+async fn bind_members(count: usize) -> Vec<TcpListener> {
+    let ip = |index: usize| {
+        let host = u8::try_from(usize::from(FIRST_MEMBER_HOST) + index)
+            .ok()
+            .filter(|host| *host < u8::MAX)
+            .expect("at most 253 members");
+        Ipv4Addr::new(127, 0, 0, host)
+    };
+    let mut last_error = None;
+    for _ in 0..CLUSTER_BIND_ATTEMPTS {
+        let first = TcpListener::bind((ip(0), 0))
+            .await
+            .unwrap_or_else(|error| panic!("bind the first fake member on {}: {error}", ip(0)));
+        let port = first
+            .local_addr()
+            .expect("local address of a fake cluster member")
+            .port();
+        let mut listeners = vec![first];
+        for index in 1..count {
+            match TcpListener::bind((ip(index), port)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
+                    last_error = Some(error);
+                    break;
+                }
+                Err(error) => panic!(
+                    "bind a fake member on {}:{port}: {error} (the fake needs all of 127.0.0.0/8 \
+                     on the loopback interface, as Linux has)",
+                    ip(index)
+                ),
+            }
+        }
+        if listeners.len() == count {
+            return listeners;
+        }
+    }
+    panic!(
+        "no port was free on all of 127.0.0.2..{} after {CLUSTER_BIND_ATTEMPTS} tries: {last_error:?}",
+        ip(count - 1)
+    );
+}
+
 impl FakePve {
     /// Starts a server on a random port of 127.0.0.1: user [`DEFAULT_USER`] with
     /// [`DEFAULT_PASSWORD`], cluster [`DEFAULT_CLUSTER`] with [`DEFAULT_NODES`] all online and
-    /// quorate, version [`DEFAULT_VERSION`].
+    /// quorate, version [`DEFAULT_VERSION`]. The first node answers and reports `127.0.0.1` as its
+    /// address; the others report addresses in `127.0.1.0/24` where nothing listens.
     pub async fn start() -> Self {
-        Self::launch(None).await
+        Self::launch(false).await
     }
 
     /// Like [`Self::start`], but serves HTTPS like a stock node on port 8006: a node certificate
@@ -176,65 +412,244 @@ impl FakePve {
     /// made for this fake (see [`Self::ca_pem`] and [`Self::certificate_fingerprint`]). No ALPN,
     /// so clients speak HTTP/1.1. The TLS handshake runs in each connection's own task.
     pub async fn start_tls() -> Self {
-        Self::launch(Some(TlsState::new(DEFAULT_NODES[0]))).await
+        Self::launch(true).await
     }
 
-    async fn launch(tls: Option<TlsState>) -> Self {
+    /// Starts a cluster [`DEFAULT_CLUSTER`] of `nodes` (all online, quorate, numbered from 1 in
+    /// this order), each with its own plain HTTP listener on the same port: the first on
+    /// `127.0.0.2`, the next on `127.0.0.3`, and so on. Users, tokens, tickets, topology, clock
+    /// and the cluster-wide counters are shared; each member answers as itself. [`Self::url`],
+    /// [`Self::addr`] and the TLS getters refer to the first member; see [`Self::member`] for the
+    /// others. Defaults as in [`Self::start`].
+    pub async fn start_cluster(nodes: &[&str]) -> Self {
+        Self::launch_cluster(nodes, false).await
+    }
+
+    /// Like [`Self::start_cluster`], but every member serves HTTPS with its own certificate (for
+    /// its `127.0.0.x` address, `localhost` and its node name), all signed by one cluster CA
+    /// ([`Self::ca_pem`]).
+    pub async fn start_cluster_tls(nodes: &[&str]) -> Self {
+        Self::launch_cluster(nodes, true).await
+    }
+
+    async fn launch(tls: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake Proxmox VE listener");
         let addr = listener
             .local_addr()
             .expect("local address of the fake Proxmox VE listener");
-        let mut state = FakeState::new();
+        let ca = tls.then(|| Arc::new(ClusterCa::new()));
+        let tls = ca.as_ref().map(|ca| {
+            let addresses = vec![addr.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+            TlsState::new(Arc::clone(ca), DEFAULT_NODES[0], addresses)
+        });
+        let nodes: Vec<(&str, bool)> = DEFAULT_NODES.iter().map(|name| (*name, true)).collect();
+        let mut state = FakeState::new(single_listener_nodes(&nodes, addr.ip()));
         state.tls_fingerprint = tls.as_ref().map(TlsState::fingerprint);
+        let member = Arc::new(Member::new(None, addr, tls));
+        Self::assemble(state, false, ca, vec![(member, listener)])
+    }
+
+    async fn launch_cluster(names: &[&str], tls: bool) -> Self {
+        assert!(!names.is_empty(), "a cluster needs at least one node");
+        for (index, name) in names.iter().enumerate() {
+            assert!(
+                !names[..index].contains(name),
+                "node {name:?} appears twice in {names:?}"
+            );
+        }
+        let listeners = bind_members(names.len()).await;
+        let ca = tls.then(|| Arc::new(ClusterCa::new()));
+        let mut nodes = Vec::new();
+        let mut members = Vec::new();
+        for (index, (name, listener)) in names.iter().zip(listeners).enumerate() {
+            let addr = listener
+                .local_addr()
+                .expect("local address of a fake cluster member");
+            let tls = ca
+                .as_ref()
+                .map(|ca| TlsState::new(Arc::clone(ca), name, vec![addr.ip()]));
+            let mut node = FakeNode::new(name, index + 1);
+            node.ip = addr.ip().to_string();
+            if let Some(tls) = &tls {
+                node.fingerprint = tls.fingerprint();
+            }
+            nodes.push(node);
+            members.push((Arc::new(Member::new(Some(name), addr, tls)), listener));
+        }
+        Self::assemble(FakeState::new(nodes), true, ca, members)
+    }
+
+    fn assemble(
+        state: FakeState,
+        multi: bool,
+        ca: Option<Arc<ClusterCa>>,
+        members: Vec<(Arc<Member>, TcpListener)>,
+    ) -> Self {
         let shared = Arc::new(Shared {
-            addr,
             down: AtomicBool::new(false),
             keep_alive_idle_ms: AtomicU64::new(duration_ms(DEFAULT_KEEP_ALIVE_IDLE)),
             state: Mutex::new(state),
-            tls,
         });
-        let app = Router::new()
-            .fallback(handle)
-            .with_state(Arc::clone(&shared));
-        let listener = FakeListener {
-            listener,
-            shared: Arc::clone(&shared),
-        };
-        let task = tokio::spawn(async move {
-            let make_service = app.into_make_service_with_connect_info::<ConnInfo>();
-            if let Err(error) = axum::serve(listener, make_service).await {
-                eprintln!("fake Proxmox VE server stopped: {error}");
-            }
-        });
+        let primary = Arc::clone(&members[0].0);
+        let next_host = u8::try_from(usize::from(FIRST_MEMBER_HOST) + members.len())
+            .expect("at most 253 members");
+        let seats = members
+            .into_iter()
+            .map(|(member, listener)| Seat {
+                _server: serve(&shared, &member, listener),
+                member,
+            })
+            .collect();
         Self {
             shared,
-            _server: Arc::new(ServerTask(task)),
+            fleet: Arc::new(Fleet {
+                multi,
+                primary,
+                ca,
+                roster: Mutex::new(Roster { seats, next_host }),
+            }),
         }
     }
 
     /// `http://127.0.0.1:PORT` (`https://` after [`Self::start_tls`]), the value to register as
-    /// `api_endpoint`.
+    /// `api_endpoint`. In multi-node mode, the first member's URL (`http://127.0.0.2:PORT`), even
+    /// after it left.
     pub fn url(&self) -> String {
-        let scheme = if self.shared.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{}", self.shared.addr)
+        self.fleet.primary.url()
     }
 
     /// The socket address behind [`Self::url`], for raw TCP checks.
     pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
+        self.fleet.primary.addr
     }
 
-    // --- TLS (only after `start_tls`; these panic on a plain HTTP fake) ---------------------
+    // --- members (only after `start_cluster`/`start_cluster_tls`) ----------------------------
+
+    /// The member running node `name`. Panics on an unknown name or a single-listener fake.
+    pub fn member(&self, name: &str) -> FakeMember {
+        self.assert_multi("FakePve::member");
+        let roster = self.fleet.roster();
+        let member = roster
+            .seats
+            .iter()
+            .find(|seat| seat.member.node.as_deref() == Some(name))
+            .map(|seat| Arc::clone(&seat.member));
+        let Some(member) = member else {
+            let names: Vec<&str> = roster
+                .seats
+                .iter()
+                .filter_map(|seat| seat.member.node.as_deref())
+                .collect();
+            panic!("no member {name:?} in the fake cluster; members are {names:?}");
+        };
+        FakeMember {
+            fake: self.clone(),
+            member,
+        }
+    }
+
+    /// Node `name` joins the cluster, like `pvecm add`: a new listener on the next `127.0.0.x`
+    /// with the same port (and in HTTPS mode its own certificate from the cluster CA), the lowest
+    /// free node id, a new corosync config version (so `config_digest` and the `cluster` entry's
+    /// `version` change), online, quorum recomputed. Panics if the address is taken.
+    pub async fn add_member(&self, name: &str) -> FakeMember {
+        self.assert_multi("FakePve::add_member");
+        assert!(
+            self.shared.lock().topology.find(name).is_none(),
+            "node {name:?} is already in the fake cluster"
+        );
+        let host = {
+            let mut roster = self.fleet.roster();
+            let host = roster.next_host;
+            assert!(
+                host < u8::MAX,
+                "no 127.0.0.x address left for another member"
+            );
+            roster.next_host = host + 1;
+            host
+        };
+        let port = self.fleet.primary.addr.port();
+        let ip = Ipv4Addr::new(127, 0, 0, host);
+        let listener = TcpListener::bind((ip, port)).await.unwrap_or_else(|error| {
+            panic!("cannot add member {name:?}: {ip}:{port} is not free ({error})")
+        });
+        let addr = listener
+            .local_addr()
+            .expect("local address of a fake cluster member");
+        let tls = self
+            .fleet
+            .ca
+            .as_ref()
+            .map(|ca| TlsState::new(Arc::clone(ca), name, vec![addr.ip()]));
+        {
+            let mut state = self.shared.lock();
+            let cluster = state.cluster_mut();
+            let nodeid = (1..)
+                .find(|id| cluster.nodes.iter().all(|node| node.nodeid != *id))
+                .expect("a free node id");
+            let mut node = FakeNode::new(name, nodeid);
+            node.ip = addr.ip().to_string();
+            if let Some(tls) = &tls {
+                node.fingerprint = tls.fingerprint();
+            }
+            cluster.nodes.push(node);
+            cluster.recompute_quorum();
+            state.bump_config_version();
+        }
+        let member = Arc::new(Member::new(Some(name), addr, tls));
+        self.fleet.roster().seats.push(Seat {
+            _server: serve(&self.shared, &member, listener),
+            member: Arc::clone(&member),
+        });
+        FakeMember {
+            fake: self.clone(),
+            member,
+        }
+    }
+
+    /// Node `name` leaves the cluster, like `pvecm delnode`: it is gone from the topology, the
+    /// corosync config version goes up, quorum is recomputed, and its listener stops (open
+    /// connections are reset, new ones refused). [`FakeMember`] handles on it keep their
+    /// counters. Panics on an unknown name or when it is the last node.
+    pub fn remove_member(&self, name: &str) {
+        self.assert_multi("FakePve::remove_member");
+        let seat = {
+            let mut roster = self.fleet.roster();
+            assert!(
+                roster.seats.len() > 1,
+                "cannot remove the last node {name:?}"
+            );
+            let index = roster
+                .seats
+                .iter()
+                .position(|seat| seat.member.node.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no member {name:?} in the fake cluster"));
+            roster.seats.remove(index)
+        };
+        seat.member.stopped.store(true, Ordering::SeqCst);
+        // Aborts the accept loop, which closes the listening socket.
+        drop(seat);
+        let mut state = self.shared.lock();
+        let cluster = state.cluster_mut();
+        cluster.nodes.retain(|node| node.name != name);
+        cluster.recompute_quorum();
+        state.bump_config_version();
+    }
+
+    fn assert_multi(&self, what: &str) {
+        assert!(
+            self.fleet.multi,
+            "{what} needs a fake started with FakePve::start_cluster or start_cluster_tls"
+        );
+    }
+
+    // --- TLS (only after `start_tls`/`start_cluster_tls`; these panic on a plain HTTP fake) ---
 
     /// SHA-256 of the DER of the certificate served to new connections, the way Proxmox shows it:
     /// 32 upper-case hex pairs joined by `:`. `/nodes` reports it as the answering node's
-    /// `ssl_fingerprint`.
+    /// `ssl_fingerprint`. In multi-node mode, that of the first member.
     pub fn certificate_fingerprint(&self) -> String {
         self.tls().fingerprint()
     }
@@ -245,40 +660,33 @@ impl FakePve {
     }
 
     /// The cluster CA certificate in PEM, what `/etc/pve/pve-root-ca.pem` holds; trust it as a CA
-    /// file to verify the node certificate, also across [`Self::rotate_certificate`].
+    /// file to verify the node certificates, also across [`Self::rotate_certificate`].
     pub fn ca_pem(&self) -> String {
         self.tls().ca.pem.clone()
     }
 
     /// Renews the node certificate like `pveupdate` does and reloads like pveproxy: a new key
     /// signed by the same CA (for the answering node's current name), served to every new
-    /// handshake from now on. Connections made with the old certificate finish the request they
-    /// are serving and are then closed, so pooled clients reconnect and see the new one.
+    /// handshake from now on and reported by `/nodes` and join info. Connections made with the
+    /// old certificate finish the request they are serving and are then closed, so pooled
+    /// clients reconnect and see the new one. In multi-node mode, renews the first member's.
     pub fn rotate_certificate(&self) {
-        let node = self.local_node_name();
-        let tls = self.tls();
-        let fingerprint = tls.serve(tls.ca.issue(&node));
-        self.shared.lock().tls_fingerprint = Some(fingerprint);
+        let member = &self.fleet.primary;
+        let fingerprint = member.renew(&self.shared, false);
+        member.vouch(&mut self.shared.lock(), fingerprint);
     }
 
     /// Serves a new self-signed certificate that the cluster CA did not sign, like a node whose
-    /// `pve-ssl.pem` someone regenerated by hand. Reloads like [`Self::rotate_certificate`].
+    /// `pve-ssl.pem` someone regenerated by hand (so `/nodes` and join info report it). Reloads
+    /// like [`Self::rotate_certificate`].
     pub fn replace_with_self_signed(&self) {
-        let node = self.local_node_name();
-        let tls = self.tls();
-        let fingerprint = tls.serve(NodeCert::self_signed(&node));
-        self.shared.lock().tls_fingerprint = Some(fingerprint);
+        let member = &self.fleet.primary;
+        let fingerprint = member.renew(&self.shared, true);
+        member.vouch(&mut self.shared.lock(), fingerprint);
     }
 
     fn tls(&self) -> &TlsState {
-        self.shared
-            .tls
-            .as_ref()
-            .expect("the fake Proxmox VE serves plain HTTP; start it with FakePve::start_tls")
-    }
-
-    fn local_node_name(&self) -> String {
-        self.shared.lock().topology.nodes()[0].name.clone()
+        self.fleet.primary.tls()
     }
 
     // --- users, tokens, tickets -------------------------------------------------------------
@@ -370,38 +778,41 @@ impl FakePve {
 
     // --- cluster shape ----------------------------------------------------------------------
 
-    /// Replaces the topology with a cluster of `nodes` (`(name, online)`), numbered from 1 with
-    /// IPs 10.0.0.11, 10.0.0.12, …. The first node is the one answering (`local: 1`). Quorum is
-    /// the majority of online nodes.
+    /// Replaces the topology with a cluster of `nodes` (`(name, online)`), numbered from 1. The
+    /// first node is the one answering (`local: 1`) and reports the listener's address
+    /// (`127.0.0.1`); the others report `127.0.1.<nodeid>`, where nothing listens. Quorum is the
+    /// majority of online nodes. Single-listener mode only; multi-node fakes change with
+    /// [`Self::add_member`] and [`Self::remove_member`].
     pub fn set_cluster(&self, name: &str, nodes: &[(&str, bool)]) {
+        self.assert_single("FakePve::set_cluster");
         assert!(!nodes.is_empty(), "a cluster needs at least one node");
-        let nodes = nodes
-            .iter()
-            .enumerate()
-            .map(|(index, (node, online))| {
-                let mut node = FakeNode::new(node, index + 1);
-                node.online = *online;
-                node
-            })
-            .collect();
+        let nodes = single_listener_nodes(nodes, self.fleet.primary.addr.ip());
         let mut state = self.shared.lock();
-        state.config_version += 1;
-        let config_version = state.config_version;
         let mut cluster = Cluster {
             name: name.to_owned(),
             nodes,
             quorate: true,
-            config_version,
+            config_version: 0,
         };
         cluster.recompute_quorum();
         state.topology = Topology::Cluster(cluster);
+        state.bump_config_version();
     }
 
-    /// Replaces the topology with a single node that is in no cluster.
+    /// Replaces the topology with a single node that is in no cluster, reporting the listener's
+    /// address (`127.0.0.1`). Single-listener mode only.
     pub fn set_standalone(&self, node: &str) {
+        self.assert_single("FakePve::set_standalone");
         let mut node = FakeNode::new(node, 0);
-        node.ip = "192.168.1.10".to_owned();
+        node.ip = self.fleet.primary.addr.ip().to_string();
         self.shared.lock().topology = Topology::Standalone(node);
+    }
+
+    fn assert_single(&self, what: &str) {
+        assert!(
+            !self.fleet.multi,
+            "{what} would take the names from under the members of a multi-node fake"
+        );
     }
 
     /// Forces the quorum flag; the next [`Self::set_node_online`] recomputes it.
@@ -429,8 +840,10 @@ impl FakePve {
         }
     }
 
-    /// `ssl_fingerprint` of a node as `/nodes` reports it (upper-case hex pairs with colons). In
-    /// HTTPS mode the answering node reports [`Self::certificate_fingerprint`]; other nodes have
+    /// `ssl_fingerprint` of a node as `/nodes` reports it and `pve_fp` as join info does
+    /// (upper-case hex pairs with colons): what the cluster filesystem holds. In HTTPS mode a
+    /// node with a listener reports the certificate it serves (unless a test made it serve an
+    /// unvouched one, see [`FakeMember::present_unvouched_certificate`]); other nodes have
     /// made-up ones.
     pub fn node_fingerprint(&self, name: &str) -> Option<String> {
         let state = self.shared.lock();
@@ -483,6 +896,21 @@ impl FakePve {
         self.shared.lock().fail_all = failure.map(|(status, reason)| (status, reason.to_owned()));
     }
 
+    /// Makes `GET /cluster/config/join` alone answer this status and reason phrase with the
+    /// usual error body (after authentication, instead of the permission check and the handler),
+    /// e.g. `(501, "Method 'GET /cluster/config/join' not implemented")`; `None` restores it.
+    /// Independent of [`Self::fail_all`], which wins while set.
+    pub fn set_join_info_failure(&self, failure: Option<(u16, &str)>) {
+        if let Some((status, _)) = failure {
+            assert!(
+                StatusCode::from_u16(status).is_ok(),
+                "{status} cannot be sent as an HTTP status"
+            );
+        }
+        self.shared.lock().join_info_failure =
+            failure.map(|(status, reason)| (status, reason.to_owned()));
+    }
+
     /// Answers every request `301 Moved Permanently` with `Location: <target>`.
     pub fn set_redirect(&self, target: Option<String>) {
         self.shared.lock().redirect = target;
@@ -494,7 +922,9 @@ impl FakePve {
     }
 
     /// While down, new connections are reset right after accept and open ones are reset on their
-    /// next read or write, so clients see the server as unreachable.
+    /// next read or write, so clients see the server as unreachable. In multi-node mode this
+    /// takes every member down (a network cut, not a change the cluster sees); use
+    /// [`FakeMember::stop`] for one node.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
     }
@@ -516,7 +946,8 @@ impl FakePve {
         self.shared.lock().stats.failed_logins
     }
 
-    /// Requests received for `path` (e.g. `"/api2/json/cluster/status"`), whatever the answer.
+    /// Requests received for `path` (e.g. `"/api2/json/cluster/status"`), whatever the answer;
+    /// in multi-node mode, by all members together.
     pub fn requests(&self, path: &str) -> u64 {
         self.shared
             .lock()
@@ -527,7 +958,7 @@ impl FakePve {
             .unwrap_or(0)
     }
 
-    /// Requests received on any path.
+    /// Requests received on any path (by all members together in multi-node mode).
     pub fn total_requests(&self) -> u64 {
         self.shared.lock().stats.total
     }
@@ -547,9 +978,111 @@ impl FakePve {
         self.shared.lock().stats.log.iter().cloned().collect()
     }
 
-    /// Zeroes the counters and forgets recorded requests.
+    /// Zeroes the counters (the members' too) and forgets recorded requests.
     pub fn reset_counters(&self) {
         self.shared.lock().stats = Stats::default();
+        for seat in &self.fleet.roster().seats {
+            *seat.member.stats() = MemberStats::default();
+            seat.member.connections.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+impl FakeMember {
+    /// `http://127.0.0.x:PORT` (`https://` in HTTPS mode): this member's own endpoint.
+    pub fn url(&self) -> String {
+        self.member.url()
+    }
+
+    /// The socket address behind [`Self::url`].
+    pub fn addr(&self) -> SocketAddr {
+        self.member.addr
+    }
+
+    /// The node this member runs.
+    pub fn name(&self) -> &str {
+        self.member
+            .node
+            .as_deref()
+            .expect("multi-node members have a node name")
+    }
+
+    /// The node goes down: its listener resets new and open connections (like
+    /// [`FakePve::set_down`]) and the other members see it offline, with quorum recomputed.
+    pub fn stop(&self) {
+        self.member.stopped.store(true, Ordering::SeqCst);
+        self.set_online(false);
+    }
+
+    /// Reverses [`Self::stop`]: the listener answers again and the node is online.
+    pub fn start(&self) {
+        self.member.stopped.store(false, Ordering::SeqCst);
+        self.set_online(true);
+    }
+
+    fn set_online(&self, online: bool) {
+        let name = self.name();
+        let mut state = self.fake.shared.lock();
+        let cluster = state.cluster_mut();
+        cluster.member_mut(name).online = online;
+        cluster.recompute_quorum();
+    }
+
+    /// While partitioned, this member answers as a minority node would: `/cluster/status` says
+    /// `quorate: 0`, itself online and every other node offline; the other members see it
+    /// offline, with quorum recomputed over the rest. `false` heals the partition.
+    pub fn set_partitioned(&self, partitioned: bool) {
+        let name = self.name();
+        let mut state = self.fake.shared.lock();
+        let cluster = state.cluster_mut();
+        cluster.member_mut(name).partitioned = partitioned;
+        cluster.recompute_quorum();
+    }
+
+    /// Requests this member received for `path`, whatever the answer.
+    pub fn requests(&self, path: &str) -> u64 {
+        self.member.stats().per_path.get(path).copied().unwrap_or(0)
+    }
+
+    /// Requests this member received on any path.
+    pub fn total_requests(&self) -> u64 {
+        self.member.stats().total
+    }
+
+    /// Requests this member received with credentials: a `PVEAuthCookie` cookie, or an
+    /// `Authorization` header with a ticket or an API token, valid or not. Password logins do
+    /// not count (see [`Self::requests`] of `/api2/json/access/ticket`).
+    pub fn authenticated_requests(&self) -> u64 {
+        self.member.stats().authenticated
+    }
+
+    /// TCP connections this member's listener accepted, whatever happened next: reset while
+    /// stopped, failed TLS handshakes and plain HTTP on the HTTPS port included.
+    pub fn connections(&self) -> u64 {
+        self.member.connections.load(Ordering::SeqCst)
+    }
+
+    /// Fingerprint of the certificate this member serves to new connections (HTTPS mode only),
+    /// as [`FakePve::certificate_fingerprint`].
+    pub fn certificate_fingerprint(&self) -> String {
+        self.member.tls().fingerprint()
+    }
+
+    /// Renews this member's certificate like `pveupdate` and pmxcfs do: a new key signed by the
+    /// cluster CA, served to new handshakes, and recorded in the cluster filesystem, so join info
+    /// `pve_fp` and `/nodes` `ssl_fingerprint` vouch for it on every member. Connections with the
+    /// old certificate close after their current request, as in
+    /// [`FakePve::rotate_certificate`].
+    pub fn rotate_certificate(&self) {
+        let fingerprint = self.member.renew(&self.fake.shared, false);
+        self.member.vouch(&mut self.fake.shared.lock(), fingerprint);
+    }
+
+    /// Serves a new certificate, also signed by the cluster CA (so only a fingerprint check can
+    /// tell), that the cluster filesystem does not know: join info and `/nodes` keep reporting
+    /// the previous fingerprint. An impostor, or a node nobody vouches for.
+    pub fn present_unvouched_certificate(&self) {
+        self.member.renew(&self.fake.shared, false);
     }
 }
 
@@ -582,20 +1115,27 @@ struct IssuedCsrf {
 struct FakeNode {
     name: String,
     nodeid: usize,
+    /// `remote_node_ip`: what `/cluster/status` reports as `ip` and join info as `pve_addr`.
     ip: String,
     online: bool,
     stale: bool,
+    /// [`FakeMember::set_partitioned`].
+    partitioned: bool,
+    /// The certificate fingerprint the cluster filesystem holds for this node.
     fingerprint: String,
 }
 
 impl FakeNode {
+    /// A node that reports an address where nothing listens (`127.0.1.<nodeid>`) and a made-up
+    /// fingerprint; the callers give nodes with a listener their real ones.
     fn new(name: &str, nodeid: usize) -> Self {
         Self {
             name: name.to_owned(),
             nodeid,
-            ip: format!("10.0.0.{}", 10 + nodeid),
+            ip: node_net_addr(UNREACHABLE_NET, nodeid),
             online: true,
             stale: false,
+            partitioned: false,
             fingerprint: random_bytes(32)
                 .iter()
                 .map(|byte| format!("{byte:02X}"))
@@ -603,6 +1143,28 @@ impl FakeNode {
                 .join(":"),
         }
     }
+}
+
+/// Nodes for the single-listener mode: the first answers, so it reports the listener's address.
+fn single_listener_nodes(nodes: &[(&str, bool)], local_ip: IpAddr) -> Vec<FakeNode> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(index, (name, online))| {
+            let mut node = FakeNode::new(name, index + 1);
+            node.online = *online;
+            if index == 0 {
+                node.ip = local_ip.to_string();
+            }
+            node
+        })
+        .collect()
+}
+
+/// `127.0.<net>.<nodeid>`: loopback, and nothing of the fake listens there.
+fn node_net_addr(net: u8, nodeid: usize) -> String {
+    let host = u8::try_from(nodeid).expect("the fake numbers nodes up to 255");
+    Ipv4Addr::new(127, 0, net, host).to_string()
 }
 
 struct Cluster {
@@ -613,9 +1175,42 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Quorum as the majority sees it: a partitioned node does not count.
     fn recompute_quorum(&mut self) {
-        let online = self.nodes.iter().filter(|node| node.online).count();
+        let online = self
+            .nodes
+            .iter()
+            .filter(|node| node.online && !node.partitioned)
+            .count();
         self.quorate = online * 2 > self.nodes.len();
+    }
+
+    /// Whether `node` is online as seen from `viewer` (the answering node): a partitioned viewer
+    /// sees only itself, everyone else does not see partitioned nodes.
+    fn online_in_view(node: &FakeNode, viewer: Option<&FakeNode>) -> bool {
+        match viewer {
+            Some(viewer) if viewer.partitioned => node.name == viewer.name,
+            _ => node.online && !node.partitioned,
+        }
+    }
+
+    /// pve-cluster takes the SHA-1 of corosync.conf; 20 bytes of SHA-256 over the same facts
+    /// keep the 40 hex digits and change with every config version.
+    fn config_digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(format!("{}\n{}\n", self.name, self.config_version));
+        for node in &self.nodes {
+            hasher.update(format!("{} {} {}\n", node.name, node.nodeid, node.ip));
+        }
+        hex::encode(&hasher.finalize()[..20])
+    }
+
+    /// Like [`Self::node_mut`], for a member of a multi-node fake, which may have left.
+    fn member_mut(&mut self, name: &str) -> &mut FakeNode {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.name == name)
+            .unwrap_or_else(|| panic!("node {name:?} has left the fake cluster"))
     }
 
     fn node_mut(&mut self, name: &str) -> &mut FakeNode {
@@ -637,6 +1232,17 @@ impl Topology {
         match self {
             Self::Cluster(cluster) => &cluster.nodes,
             Self::Standalone(node) => std::slice::from_ref(node),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<&FakeNode> {
+        self.nodes().iter().find(|node| node.name == name)
+    }
+
+    fn node_mut(&mut self, name: &str) -> Option<&mut FakeNode> {
+        match self {
+            Self::Cluster(cluster) => cluster.nodes.iter_mut().find(|node| node.name == name),
+            Self::Standalone(node) => (node.name == name).then_some(node),
         }
     }
 }
@@ -666,17 +1272,20 @@ struct FakeState {
     latency: Duration,
     auth_failure_delay: Duration,
     fail_all: Option<(u16, String)>,
+    /// [`FakePve::set_join_info_failure`].
+    join_info_failure: Option<(u16, String)>,
     redirect: Option<String>,
     garbage: bool,
     clock_offset: Duration,
     stats: Stats,
-    /// In HTTPS mode, the fingerprint of the served certificate, which belongs to the answering
-    /// node.
+    /// In single-listener HTTPS mode, the fingerprint the cluster filesystem holds for the
+    /// answering node, whichever node that is (multi-node fakes keep it in each [`FakeNode`]).
     tls_fingerprint: Option<String>,
 }
 
 impl FakeState {
-    fn new() -> Self {
+    /// Cluster [`DEFAULT_CLUSTER`] of `nodes`, as if each had joined in turn.
+    fn new(nodes: Vec<FakeNode>) -> Self {
         let mut users = HashMap::new();
         users.insert(
             DEFAULT_USER.to_owned(),
@@ -686,29 +1295,28 @@ impl FakeState {
                 sys_audit: true,
             },
         );
-        let nodes = DEFAULT_NODES
-            .iter()
-            .enumerate()
-            .map(|(index, name)| FakeNode::new(name, index + 1))
-            .collect();
+        let config_version = nodes.len() as u64;
+        let mut cluster = Cluster {
+            name: DEFAULT_CLUSTER.to_owned(),
+            nodes,
+            quorate: true,
+            config_version,
+        };
+        cluster.recompute_quorum();
         let mut state = Self {
             users,
             tokens: HashMap::new(),
             tickets: HashMap::new(),
             csrf_tokens: HashMap::new(),
-            topology: Topology::Cluster(Cluster {
-                name: DEFAULT_CLUSTER.to_owned(),
-                nodes,
-                quorate: true,
-                config_version: DEFAULT_NODES.len() as u64,
-            }),
-            config_version: DEFAULT_NODES.len() as u64,
+            topology: Topology::Cluster(cluster),
+            config_version,
             version: DEFAULT_VERSION.to_owned(),
             repoid: repoid_for(DEFAULT_VERSION),
             boot_time: 0,
             latency: Duration::ZERO,
             auth_failure_delay: DEFAULT_AUTH_FAILURE_DELAY,
             fail_all: None,
+            join_info_failure: None,
             redirect: None,
             garbage: false,
             clock_offset: Duration::ZERO,
@@ -726,11 +1334,32 @@ impl FakeState {
         })
     }
 
-    /// `ssl_fingerprint` of the node at `index`; index 0 is the answering node.
+    /// `ssl_fingerprint` and `pve_fp` of the node at `index`.
     fn reported_fingerprint(&self, index: usize) -> &str {
         match &self.tls_fingerprint {
+            // Only set with a single listener, which answers as the first node.
             Some(fingerprint) if index == 0 => fingerprint,
             _ => &self.topology.nodes()[index].fingerprint,
+        }
+    }
+
+    /// Where `member`'s node is in the topology; `None` once it has left.
+    fn local_index(&self, member: &Member) -> Option<usize> {
+        match &member.node {
+            None => Some(0),
+            Some(name) => self
+                .topology
+                .nodes()
+                .iter()
+                .position(|node| &node.name == name),
+        }
+    }
+
+    /// A membership change: corosync.conf gets a new `config_version`.
+    fn bump_config_version(&mut self) {
+        self.config_version += 1;
+        if let Topology::Cluster(cluster) = &mut self.topology {
+            cluster.config_version = self.config_version;
         }
     }
 
@@ -802,6 +1431,7 @@ impl FakeState {
         body: &Bytes,
         started: Instant,
         plain_on_tls: bool,
+        member: &Member,
     ) -> Answer {
         if let Some((status, reason)) = &self.fail_all {
             return Answer::now(reply(*status, Some(reason), None, Vec::new()));
@@ -860,18 +1490,21 @@ impl FakeState {
         if format != "json" {
             return Answer::now(empty(501, &format!("no formatter for uri {rel}, {format}")));
         }
-        self.route(method, &rel, parts, body, &auth, started)
+        let local = self.local_index(member);
+        self.route(&rel, parts, body, &auth, started, local)
     }
 
+    /// `local`: the index of the answering node in the topology.
     fn route(
         &mut self,
-        method: &str,
         rel: &str,
         parts: &Parts,
         body: &Bytes,
         auth: &Auth,
         started: Instant,
+        local: Option<usize>,
     ) -> Answer {
+        let method = parts.method.as_str();
         let route: Vec<&str> = rel.split('/').filter(|part| !part.is_empty()).collect();
         let response = match (method, route.as_slice()) {
             ("GET", []) => json_data(json!([
@@ -883,8 +1516,9 @@ impl FakeState {
                 "release": release_of(&self.version),
                 "repoid": self.repoid,
             })),
-            ("GET", ["cluster", "status"]) => self.cluster_status(auth),
-            ("GET", ["nodes"]) => self.nodes(auth),
+            ("GET", ["cluster", "status"]) => self.cluster_status(auth, local),
+            ("GET", ["cluster", "config", "join"]) => self.join_info(auth, local),
+            ("GET", ["nodes"]) => self.nodes(auth, local),
             ("GET", ["access", "ticket"]) => json_data(Value::Null),
             ("GET", ["access", "domains"]) => json_data(json!([
                 {"realm": "pam", "type": "pam", "comment": "Linux PAM standard authentication"},
@@ -1180,20 +1814,23 @@ impl FakeState {
         allowed.then(|| json!({ "username": username }))
     }
 
-    /// `GET /cluster/status`: Sys.Audit on `/`, entries in random (Perl hash) order.
-    fn cluster_status(&self, auth: &Auth) -> Response {
+    /// `GET /cluster/status`: Sys.Audit on `/`, entries in random (Perl hash) order, as the node
+    /// at `local` sees the cluster.
+    fn cluster_status(&self, auth: &Auth, local: Option<usize>) -> Response {
         if !auth.sys_audit() {
             return self.api_error(403, "Permission check failed (/, Sys.Audit)\n", None);
         }
         let mut entries = Vec::new();
         match &self.topology {
             Topology::Cluster(cluster) => {
+                let viewer = local.map(|index| &cluster.nodes[index]);
+                let minority = viewer.is_some_and(|viewer| viewer.partitioned);
                 entries.push(json!({
                     "type": "cluster",
                     "id": "cluster",
                     "name": cluster.name,
                     "nodes": cluster.nodes.len(),
-                    "quorate": flag(cluster.quorate),
+                    "quorate": flag(cluster.quorate && !minority),
                     "version": cluster.config_version,
                 }));
                 for (index, node) in cluster.nodes.iter().enumerate() {
@@ -1203,8 +1840,8 @@ impl FakeState {
                         "name": node.name,
                         "nodeid": node.nodeid,
                         "ip": node.ip,
-                        "local": flag(index == 0),
-                        "online": flag(node.online),
+                        "local": flag(local == Some(index)),
+                        "online": flag(Cluster::online_in_view(node, viewer)),
                         "level": "",
                     }));
                 }
@@ -1224,10 +1861,68 @@ impl FakeState {
         json_data(Value::Array(entries))
     }
 
-    /// `GET /nodes` (pve-manager `Nodes.pm` index and `API2Tools::extract_node_stats`).
-    fn nodes(&self, auth: &Auth) -> Response {
+    /// `GET /cluster/config/join` (pve-cluster `ClusterConfig.pm` `join_info`): corosync.conf and
+    /// the node certificates in the cluster filesystem, so offline nodes are listed too.
+    fn join_info(&self, auth: &Auth, local: Option<usize>) -> Response {
+        if let Some((status, reason)) = &self.join_info_failure {
+            return self.api_error(*status, reason, None);
+        }
+        if !auth.sys_audit() {
+            return self.api_error(403, "Permission check failed (/, Sys.Audit)\n", None);
+        }
+        let Topology::Cluster(cluster) = &self.topology else {
+            // Older releases let the `die` become a 500; newer ones answer 424 (Failed
+            // Dependency). The fake switches at 9.0.
+            let status = if self.version_triple() >= (9, 0, 0) {
+                424
+            } else {
+                500
+            };
+            return self.api_error(
+                status,
+                "node is not in a cluster, no join info available!\n",
+                None,
+            );
+        };
+        let mut nodelist: Vec<Value> = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                json!({
+                    "name": node.name,
+                    "nodeid": perl_number(node.nodeid),
+                    "pve_addr": node.ip,
+                    "pve_fp": self.reported_fingerprint(index),
+                    "quorum_votes": perl_number(1),
+                    "ring0_addr": node_net_addr(RING_NET, node.nodeid),
+                })
+            })
+            .collect();
+        shuffle(&mut nodelist);
+        let preferred = &cluster.nodes[local.unwrap_or(0)].name;
+        json_data(json!({
+            "preferred_node": preferred,
+            "config_digest": cluster.config_digest(),
+            "totem": {
+                "cluster_name": cluster.name,
+                "config_version": cluster.config_version.to_string(),
+                "version": "2",
+                "ip_version": "ipv4-6",
+                "link_mode": "passive",
+                "secauth": "on",
+                "interface": {"0": {"linknumber": "0"}},
+            },
+            "nodelist": nodelist,
+        }))
+    }
+
+    /// `GET /nodes` (pve-manager `Nodes.pm` index and `API2Tools::extract_node_stats`), as the
+    /// node at `local` sees the cluster.
+    fn nodes(&self, auth: &Auth, local: Option<usize>) -> Response {
         let audit = auth.sys_audit();
         let clustered = matches!(self.topology, Topology::Cluster(_));
+        let viewer = local.map(|index| &self.topology.nodes()[index]);
         let uptime = (self.now_secs() - self.boot_time).max(0);
         let mut entries: Vec<Value> = self
             .topology
@@ -1235,6 +1930,7 @@ impl FakeState {
             .iter()
             .enumerate()
             .map(|(index, node)| {
+                let online = Cluster::online_in_view(node, viewer);
                 let mut entry = json!({
                     "id": format!("node/{}", node.name),
                     "node": node.name,
@@ -1242,7 +1938,7 @@ impl FakeState {
                     "status": "unknown",
                 });
                 if !node.stale {
-                    if !clustered || node.online {
+                    if !clustered || online {
                         entry["status"] = json!("online");
                         if audit {
                             entry["uptime"] = json!(uptime);
@@ -1259,7 +1955,7 @@ impl FakeState {
                         entry["maxdisk"] = json!(100_861_726_720_u64);
                     }
                 }
-                if clustered && !node.online {
+                if clustered && !online {
                     entry["status"] = json!("offline");
                 }
                 entry["ssl_fingerprint"] = json!(self.reported_fingerprint(index));
@@ -1369,7 +2065,7 @@ fn https_redirect(parts: &Parts) -> Answer {
 // --- HTTP plumbing ------------------------------------------------------------------------------
 
 async fn handle(
-    State(shared): State<Arc<Shared>>,
+    State(Ctx { shared, member }): State<Ctx>,
     ConnectInfo(conn): ConnectInfo<ConnInfo>,
     request: Request,
 ) -> Response {
@@ -1378,6 +2074,7 @@ async fn handle(
     let close_after =
         wants_close(&parts.headers) || busy.nth_request >= MAX_REQUESTS_PER_CONNECTION;
     if content_length(&parts.headers) > MAX_POST_BYTES as u64 {
+        member.record(&parts);
         shared.lock().record(&parts, &Bytes::new());
         return finish(empty(501, "for data too large"), true);
     }
@@ -1385,13 +2082,16 @@ async fn handle(
         // The client went away or sent a broken body; nobody reads this answer.
         return finish(empty(400, "bad request body"), true);
     };
+    member.record(&parts);
     let latency = shared.lock().record(&parts, &body);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     let started = Instant::now();
     let plain_on_tls = conn.state.plain_on_tls.load(Ordering::SeqCst);
-    let answer = shared.lock().answer(&parts, &body, started, plain_on_tls);
+    let answer = shared
+        .lock()
+        .answer(&parts, &body, started, plain_on_tls, &member);
     if let Some(not_before) = answer.not_before {
         tokio::time::sleep_until(not_before).await;
     }
@@ -1761,6 +2461,31 @@ fn shuffle<T>(items: &mut [T]) {
     }
 }
 
+/// A number read from a config file: Perl keeps it a string unless something used it as a
+/// number, so JSON gets `"1"` or `1` depending on the code path. Either, at random.
+fn perl_number(value: usize) -> Value {
+    if random_u64() & 1 == 0 {
+        json!(value)
+    } else {
+        json!(value.to_string())
+    }
+}
+
+/// Whether a request carries credentials, valid or not: a `PVEAuthCookie` cookie, or an
+/// `Authorization` header with a ticket or an API token.
+fn carries_credentials(headers: &HeaderMap) -> bool {
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|value| extract_auth_value(&header_text(value), "PVEAuthCookie").is_some());
+    let authorization = headers.get_all(header::AUTHORIZATION).iter().any(|value| {
+        let value = header_text(value);
+        extract_auth_value(&value, "PVEAuthCookie").is_some()
+            || extract_auth_value(&value, "PVEAPIToken").is_some()
+    });
+    cookie || authorization
+}
+
 /// 7.x reports an 8-hex `repoid`, 8.x and later 16 hex digits.
 fn repoid_for(version: &str) -> String {
     let major: u32 = version
@@ -1785,12 +2510,13 @@ fn duration_ms(duration: Duration) -> u64 {
 
 // --- connections --------------------------------------------------------------------------------
 
-/// Accepts like a `TcpListener`, except that while the fake is down it resets every new
-/// connection, and it wraps sockets in [`FakeIo`]. It does no TLS work itself: a client that
-/// stalls its handshake holds up only its own connection task.
+/// Accepts like a `TcpListener`, except that while the fake (or this member) is down it resets
+/// every new connection, and it wraps sockets in [`FakeIo`]. It does no TLS work itself: a client
+/// that stalls its handshake holds up only its own connection task.
 struct FakeListener {
     listener: TcpListener,
     shared: Arc<Shared>,
+    member: Arc<Member>,
 }
 
 impl Listener for FakeListener {
@@ -1801,13 +2527,14 @@ impl Listener for FakeListener {
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
-                    if self.shared.is_down() {
+                    self.member.connections.fetch_add(1, Ordering::SeqCst);
+                    if self.member.is_down(&self.shared) {
                         // Zero linger turns the close into a RST: "connection reset by peer".
                         let _ = stream.set_zero_linger();
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let transport = if self.shared.tls.is_some() {
+                    let transport = if self.member.tls.is_some() {
                         Transport::Sniffing(stream)
                     } else {
                         Transport::Plain(stream)
@@ -1815,6 +2542,7 @@ impl Listener for FakeListener {
                     let io = FakeIo {
                         transport,
                         shared: Arc::clone(&self.shared),
+                        member: Arc::clone(&self.member),
                         conn: Arc::new(ConnState::new()),
                         idle_timer: None,
                         rotation: None,
@@ -2096,6 +2824,8 @@ impl Transport {
 struct FakeIo {
     transport: Transport,
     shared: Arc<Shared>,
+    /// The listener that accepted it.
+    member: Arc<Member>,
     conn: Arc<ConnState>,
     idle_timer: Option<Pin<Box<Sleep>>>,
     /// Wakes an idle TLS connection when the certificate changes.
@@ -2105,6 +2835,10 @@ struct FakeIo {
 }
 
 impl FakeIo {
+    fn is_down(&self) -> bool {
+        self.member.is_down(&self.shared)
+    }
+
     fn reset(&self) -> io::Error {
         if let Some(stream) = self.transport.tcp() {
             let _ = stream.set_zero_linger();
@@ -2142,7 +2876,7 @@ impl FakeIo {
     /// on the next certificate change while it is current.
     fn poll_outdated(&mut self, cx: &mut Context<'_>) -> bool {
         let (Some(tls), Some(generation)) =
-            (self.shared.tls.as_ref(), self.transport.tls_generation())
+            (self.member.tls.as_ref(), self.transport.tls_generation())
         else {
             return false;
         };
@@ -2196,13 +2930,13 @@ impl AsyncRead for FakeIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.shared.is_down() {
+        if this.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
         let before = buf.filled().len();
         match this
             .transport
-            .poll_read(cx, buf, this.shared.tls.as_ref(), &this.conn)
+            .poll_read(cx, buf, this.member.tls.as_ref(), &this.conn)
         {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
@@ -2224,12 +2958,12 @@ impl AsyncWrite for FakeIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.shared.is_down() {
+        if this.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
         let result = this
             .transport
-            .poll_write(cx, buf, this.shared.tls.as_ref(), &this.conn);
+            .poll_write(cx, buf, this.member.tls.as_ref(), &this.conn);
         if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
             this.conn.touch();
         }
@@ -2242,12 +2976,12 @@ impl AsyncWrite for FakeIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.shared.is_down() {
+        if this.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
         let result =
             this.transport
-                .poll_write_vectored(cx, bufs, this.shared.tls.as_ref(), &this.conn);
+                .poll_write_vectored(cx, bufs, this.member.tls.as_ref(), &this.conn);
         if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
             this.conn.touch();
         }
@@ -2260,7 +2994,7 @@ impl AsyncWrite for FakeIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.shared.is_down() {
+        if this.is_down() {
             return Poll::Ready(Err(this.reset()));
         }
         this.transport.poll_flush(cx)
@@ -2273,9 +3007,11 @@ impl AsyncWrite for FakeIo {
 
 // --- TLS ----------------------------------------------------------------------------------------
 
-/// The certificates of an HTTPS fake.
+/// The certificates of one HTTPS listener.
 struct TlsState {
-    ca: ClusterCa,
+    ca: Arc<ClusterCa>,
+    /// The IP addresses in the certificate's SAN, kept for renewals.
+    addresses: Vec<IpAddr>,
     serving: Mutex<ServedCert>,
     /// Mirrors `serving.generation`, for a lock-free check on every idle read.
     generation: AtomicU64,
@@ -2292,12 +3028,12 @@ struct ServedCert {
 }
 
 impl TlsState {
-    fn new(node: &str) -> Self {
-        let ca = ClusterCa::new();
-        let cert = ca.issue(node);
+    fn new(ca: Arc<ClusterCa>, node: &str, addresses: Vec<IpAddr>) -> Self {
+        let cert = ca.issue(node, &addresses);
         let served = ServedCert::new(0, cert);
         Self {
             ca,
+            addresses,
             serving: Mutex::new(served),
             generation: AtomicU64::new(0),
             rotated: Arc::new(Notify::new()),
@@ -2396,10 +3132,10 @@ impl ClusterCa {
         }
     }
 
-    /// A `pve-ssl.pem` for `node`, with a new key.
-    fn issue(&self, node: &str) -> NodeCert {
+    /// A `pve-ssl.pem` for `node` at `addresses`, with a new key.
+    fn issue(&self, node: &str, addresses: &[IpAddr]) -> NodeCert {
         let key = KeyPair::generate().expect("generate a fake node key");
-        let mut params = node_cert_params(node);
+        let mut params = node_cert_params(node, addresses);
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -2421,9 +3157,9 @@ struct NodeCert {
 
 impl NodeCert {
     /// The same names, but issued by itself.
-    fn self_signed(node: &str) -> Self {
+    fn self_signed(node: &str, addresses: &[IpAddr]) -> Self {
         let key = KeyPair::generate().expect("generate a fake node key");
-        let cert = node_cert_params(node)
+        let cert = node_cert_params(node, addresses)
             .self_signed(&key)
             .expect("self-sign a fake node certificate");
         Self {
@@ -2435,17 +3171,12 @@ impl NodeCert {
 }
 
 /// pve-cluster `Setup.pm` `gen_pve_ssl_cert`: `OU=PVE Cluster Node, O=Proxmox Virtual
-/// Environment, CN=<fqdn>`, SAN with the loopback addresses, `localhost`, the node name and its
-/// FQDN, valid 2 years.
-fn node_cert_params(node: &str) -> CertificateParams {
+/// Environment, CN=<fqdn>`, SAN with the node's (loopback) addresses, `localhost`, the node name
+/// and its FQDN, valid 2 years.
+fn node_cert_params(node: &str, addresses: &[IpAddr]) -> CertificateParams {
     let fqdn = format!("{node}.pve.invalid");
-    let names = vec![
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-        "localhost".to_owned(),
-        node.to_owned(),
-        fqdn.clone(),
-    ];
+    let mut names: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
+    names.extend(["localhost".to_owned(), node.to_owned(), fqdn.clone()]);
     let mut params = CertificateParams::new(names).expect("valid fake node certificate names");
     let mut name = DistinguishedName::new();
     name.push(DnType::OrganizationalUnitName, "PVE Cluster Node");

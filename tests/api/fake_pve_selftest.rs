@@ -1,6 +1,7 @@
 //! Checks that the fake Proxmox VE behaves like pveproxy, so daemon tests can trust it.
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +18,13 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
+use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakeMember, FakePve};
 use crate::helpers::wait_until;
 
 const SHORT_DELAY: Duration = Duration::from_millis(200);
 const TICKET_PATH: &str = "/api2/json/access/ticket";
 const STATUS_PATH: &str = "/api2/json/cluster/status";
+const JOIN_PATH: &str = "/api2/json/cluster/config/join";
 
 async fn fake() -> FakePve {
     let fake = FakePve::start().await;
@@ -40,7 +42,12 @@ fn client() -> reqwest::Client {
 }
 
 fn api(fake: &FakePve, path: &str) -> String {
-    format!("{}/api2/json{path}", fake.url())
+    api_at(&fake.url(), path)
+}
+
+/// The API URL of `path` on the server at `base` (a [`FakePve::url`] or [`FakeMember::url`]).
+fn api_at(base: &str, path: &str) -> String {
+    format!("{base}/api2/json{path}")
 }
 
 struct Login {
@@ -50,8 +57,12 @@ struct Login {
 }
 
 async fn login_as(client: &reqwest::Client, fake: &FakePve, user: &str, password: &str) -> Login {
+    login_at(client, &fake.url(), user, password).await
+}
+
+async fn login_at(client: &reqwest::Client, base: &str, user: &str, password: &str) -> Login {
     let response = client
-        .post(api(fake, "/access/ticket"))
+        .post(api_at(base, "/access/ticket"))
         .form(&[("username", user), ("password", password)])
         .send()
         .await
@@ -294,6 +305,21 @@ async fn fake_pve_cluster_status_uses_integer_flags_and_standalone_has_no_cluste
         .expect("node b");
     assert_eq!(node_b["online"], 0);
     assert_eq!(node_b["id"], "node/b");
+    assert_eq!(node_b["ip"], "127.0.1.2", "nothing listens there");
+    assert_eq!(
+        cluster["version"], 4,
+        "set_cluster is a new corosync config"
+    );
+    let node_a = entries
+        .iter()
+        .find(|entry| entry["name"] == "a")
+        .expect("node a");
+    assert_eq!(node_a["local"], 1);
+    assert_eq!(
+        node_a["ip"],
+        fake.addr().ip().to_string(),
+        "the answering node reports where it listens"
+    );
     for entry in entries.iter().filter(|entry| entry["type"] == "node") {
         assert!(entry["online"].is_u64() && entry["local"].is_u64());
     }
@@ -323,7 +349,7 @@ async fn fake_pve_cluster_status_uses_integer_flags_and_standalone_has_no_cluste
         body["data"],
         serde_json::json!([{
             "type": "node", "id": "node/pve", "name": "pve", "nodeid": 0,
-            "ip": "192.168.1.10", "local": 1, "online": 1, "level": "",
+            "ip": "127.0.0.1", "local": 1, "online": 1, "level": "",
         }])
     );
 }
@@ -1259,4 +1285,475 @@ async fn closed_by_peer(stream: &TcpStream) {
             Err(_) => return,
         }
     }
+}
+
+// --- join info and cluster members ----------------------------------------------------------------
+
+/// `GET path` on the server at `base` with a ticket; the `data` of a 200.
+async fn data_at(client: &reqwest::Client, base: &str, path: &str, ticket: &str) -> Value {
+    let response = client
+        .get(api_at(base, path))
+        .header("Cookie", format!("PVEAuthCookie={ticket}"))
+        .send()
+        .await
+        .expect("GET request");
+    assert_eq!(response.status(), StatusCode::OK, "GET {path} on {base}");
+    let body: Value = response.json().await.expect("json body");
+    body["data"].clone()
+}
+
+/// The entry of `list` whose `key` is `name`.
+fn entry<'a>(list: &'a Value, key: &str, name: &str) -> &'a Value {
+    list.as_array()
+        .expect("array")
+        .iter()
+        .find(|entry| entry[key] == name)
+        .unwrap_or_else(|| panic!("no {key} {name:?} in {list}"))
+}
+
+/// corosync.conf values reach JSON as `1` or `"1"`.
+fn number_or_numeric_string(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .or_else(|| {
+            value
+                .as_str()
+                .filter(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+                .and_then(|text| text.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{value} is neither a number nor a numeric string"))
+}
+
+fn is_loopback(address: &Value) -> bool {
+    address
+        .as_str()
+        .and_then(|text| text.parse::<IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback())
+}
+
+fn online_flags(status: &Value) -> Vec<(String, u64)> {
+    let mut flags: Vec<(String, u64)> = status
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|entry| entry["type"] == "node")
+        .map(|entry| {
+            (
+                entry["name"].as_str().expect("name").to_owned(),
+                entry["online"].as_u64().expect("online flag"),
+            )
+        })
+        .collect();
+    flags.sort();
+    flags
+}
+
+fn cluster_entry(status: &Value) -> &Value {
+    entry(status, "type", "cluster")
+}
+
+fn reason_of(response: &reqwest::Response) -> Option<String> {
+    response
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|reason| String::from_utf8_lossy(reason.as_bytes()).into_owned())
+}
+
+#[tokio::test]
+async fn fake_pve_join_info_lists_every_node_with_loopback_addresses_and_fingerprints() {
+    let fake = fake().await;
+    fake.set_node_online("pve3", false);
+    let client = client();
+    let login = login(&client, &fake).await;
+    let base = fake.url();
+
+    let join = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(join["preferred_node"], "pve1");
+    let digest = join["config_digest"].as_str().expect("digest").to_owned();
+    assert!(
+        digest.len() == 40 && digest.bytes().all(|byte| byte.is_ascii_hexdigit()),
+        "{digest}"
+    );
+    assert_eq!(
+        join["totem"],
+        serde_json::json!({
+            "cluster_name": "prod", "config_version": "3", "version": "2",
+            "ip_version": "ipv4-6", "link_mode": "passive", "secauth": "on",
+            "interface": {"0": {"linknumber": "0"}},
+        })
+    );
+    let nodelist = &join["nodelist"];
+    assert_eq!(
+        nodelist.as_array().map(Vec::len),
+        Some(3),
+        "offline pve3 too"
+    );
+    for (nodeid, name) in [(1, "pve1"), (2, "pve2"), (3, "pve3")] {
+        let node = entry(nodelist, "name", name);
+        assert_eq!(number_or_numeric_string(&node["nodeid"]), nodeid);
+        assert_eq!(number_or_numeric_string(&node["quorum_votes"]), 1);
+        assert!(is_loopback(&node["pve_addr"]), "{node}");
+        assert!(is_loopback(&node["ring0_addr"]), "{node}");
+        assert_ne!(node["ring0_addr"], node["pve_addr"]);
+        assert_eq!(
+            node["pve_fp"].as_str(),
+            fake.node_fingerprint(name).as_deref()
+        );
+    }
+    assert_eq!(
+        entry(nodelist, "name", "pve1")["pve_addr"],
+        fake.addr().ip().to_string()
+    );
+    assert_eq!(entry(nodelist, "name", "pve2")["pve_addr"], "127.0.1.2");
+
+    // Shuffled, and the numbers come both ways.
+    let mut first_names = HashSet::new();
+    let mut forms = HashSet::new();
+    for _ in 0..20 {
+        let join = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+        let nodelist = join["nodelist"].as_array().expect("nodelist").clone();
+        first_names.insert(nodelist[0]["name"].to_string());
+        for node in &nodelist {
+            for key in ["nodeid", "quorum_votes"] {
+                number_or_numeric_string(&node[key]);
+                forms.insert(node[key].is_string());
+            }
+        }
+    }
+    assert!(first_names.len() > 1, "order never changed");
+    assert_eq!(forms.len(), 2, "only one of number and string seen");
+
+    fake.set_cluster("lab", &[("a", true), ("b", true)]);
+    let join = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+    assert_ne!(join["config_digest"], digest.as_str());
+    assert_eq!(join["totem"]["config_version"], "4");
+    assert_eq!(join["totem"]["cluster_name"], "lab");
+    assert_eq!(join["preferred_node"], "a");
+
+    fake.add_user("monitor@pve", "pw");
+    fake.deny_sys_audit("monitor@pve");
+    let monitor = login_as(&client, &fake, "monitor@pve", "pw").await;
+    let forbidden = get_with_ticket(&client, &fake, "/cluster/config/join", &monitor.ticket).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        reason_of(&forbidden).as_deref(),
+        Some("Permission check failed (/, Sys.Audit)")
+    );
+}
+
+#[tokio::test]
+async fn fake_pve_join_info_on_a_standalone_node_is_500_before_9_0_and_424_from_9_0() {
+    let fake = fake().await;
+    fake.set_standalone("pve");
+    let client = client();
+    let login = login(&client, &fake).await;
+    let reason = "node is not in a cluster, no join info available!";
+    for (version, status, message) in [
+        ("8.4.1", 500, true),
+        ("8.3.5", 500, false),
+        ("9.0.3", 424, true),
+    ] {
+        fake.set_version(version);
+        let response = get_with_ticket(&client, &fake, "/cluster/config/join", &login.ticket).await;
+        assert_eq!(response.status().as_u16(), status, "{version}");
+        assert_eq!(reason_of(&response).as_deref(), Some(reason), "{version}");
+        let body: Value = response.json().await.expect("json");
+        let expected = if message {
+            serde_json::json!({"data": null, "message": format!("{reason}\n")})
+        } else {
+            serde_json::json!({"data": null})
+        };
+        assert_eq!(body, expected, "{version}");
+    }
+}
+
+#[tokio::test]
+async fn fake_pve_join_info_failure_affects_only_join_info() {
+    let fake = fake().await;
+    let client = client();
+    let login = login(&client, &fake).await;
+    let reason = "Method 'GET /cluster/config/join' not implemented";
+    fake.set_join_info_failure(Some((501, reason)));
+    let response = get_with_ticket(&client, &fake, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(reason_of(&response).as_deref(), Some(reason));
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body, serde_json::json!({"data": null, "message": reason}));
+    let status = get_with_ticket(&client, &fake, "/cluster/status", &login.ticket).await;
+    assert_eq!(status.status(), StatusCode::OK);
+
+    fake.set_join_info_failure(None);
+    let response = get_with_ticket(&client, &fake, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.requests(JOIN_PATH), 2);
+}
+
+async fn cluster_fake(nodes: &[&str]) -> (FakePve, Vec<FakeMember>) {
+    let fake = FakePve::start_cluster(nodes).await;
+    fake.set_auth_failure_delay(SHORT_DELAY);
+    let members = nodes.iter().map(|name| fake.member(name)).collect();
+    (fake, members)
+}
+
+#[tokio::test]
+async fn fake_pve_cluster_members_share_one_port_and_state_and_answer_as_themselves() {
+    let (fake, members) = cluster_fake(&["pve1", "pve2", "pve3"]).await;
+    let port = fake.addr().port();
+    for (member, host) in members.iter().zip(2..) {
+        assert_eq!(member.addr(), SocketAddr::from(([127, 0, 0, host], port)));
+        assert_eq!(member.url(), format!("http://127.0.0.{host}:{port}"));
+    }
+    assert_eq!(fake.url(), members[0].url());
+
+    let client = client();
+    // A ticket from pve1 works on every member: the authkey is cluster-wide.
+    let login = login_at(&client, &members[0].url(), DEFAULT_USER, DEFAULT_PASSWORD).await;
+    for member in &members {
+        let status = data_at(&client, &member.url(), "/cluster/status", &login.ticket).await;
+        for other in &members {
+            let node = entry(&status, "name", other.name());
+            assert_eq!(node["local"], u64::from(other.name() == member.name()));
+            assert_eq!(node["ip"], other.addr().ip().to_string());
+        }
+        assert_eq!(cluster_entry(&status)["quorate"], 1);
+        let join = data_at(
+            &client,
+            &member.url(),
+            "/cluster/config/join",
+            &login.ticket,
+        )
+        .await;
+        assert_eq!(join["preferred_node"], member.name());
+        let node = entry(&join["nodelist"], "name", member.name());
+        assert_eq!(node["pve_addr"], member.addr().ip().to_string());
+    }
+
+    let secret = "0c6c6c3e-1111-2222-3333-444455556666";
+    fake.add_token("monitor@pve", "health", secret, true);
+    let with_token = client
+        .get(api_at(&members[2].url(), "/cluster/status"))
+        .header(
+            "Authorization",
+            format!("PVEAPIToken=monitor@pve!health={secret}"),
+        )
+        .send()
+        .await
+        .expect("GET with a token");
+    assert_eq!(with_token.status(), StatusCode::OK);
+
+    assert_eq!(fake.logins(), 1);
+    assert_eq!(fake.requests(STATUS_PATH), 4, "the global counters add up");
+    assert_eq!(members[0].requests(TICKET_PATH), 1);
+    assert_eq!(
+        members[0].authenticated_requests(),
+        2,
+        "the login does not count"
+    );
+    assert_eq!(members[1].requests(TICKET_PATH), 0);
+    assert_eq!(members[1].requests(STATUS_PATH), 1);
+    assert_eq!(members[1].authenticated_requests(), 2);
+    assert_eq!(members[2].total_requests(), 3);
+    assert_eq!(members[2].authenticated_requests(), 3);
+    assert!(members.iter().all(|member| member.connections() >= 1));
+}
+
+#[tokio::test]
+async fn fake_pve_stopped_member_refuses_connections_and_is_offline_for_the_others() {
+    let (fake, members) = cluster_fake(&["pve1", "pve2", "pve3"]).await;
+    let client = client();
+    let login = login(&client, &fake).await;
+    let base = fake.url();
+
+    members[2].stop();
+    let before = members[2].connections();
+    let refused = client
+        .get(api_at(&members[2].url(), "/access/ticket"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "a stopped member answered: {refused:?}");
+    assert!(members[2].connections() > before, "connections are counted");
+    assert_eq!(members[2].total_requests(), 0);
+    let status = data_at(&client, &base, "/cluster/status", &login.ticket).await;
+    assert_eq!(entry(&status, "name", "pve3")["online"], 0);
+    assert_eq!(cluster_entry(&status)["quorate"], 1, "two of three");
+    let nodes = data_at(&client, &base, "/nodes", &login.ticket).await;
+    assert_eq!(entry(&nodes, "node", "pve3")["status"], "offline");
+    let join = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(join["nodelist"].as_array().map(Vec::len), Some(3));
+
+    members[1].stop();
+    let status = data_at(&client, &base, "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&status)["quorate"], 0);
+
+    members[1].start();
+    members[2].start();
+    let status = data_at(&client, &members[2].url(), "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&status)["quorate"], 1);
+    assert!(online_flags(&status).iter().all(|(_, online)| *online == 1));
+}
+
+#[tokio::test]
+async fn fake_pve_partitioned_member_sees_itself_alone_without_quorum() {
+    let (fake, members) = cluster_fake(&["pve1", "pve2", "pve3"]).await;
+    let client = client();
+    let login = login(&client, &fake).await;
+
+    members[2].set_partitioned(true);
+    let minority = data_at(&client, &members[2].url(), "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&minority)["quorate"], 0);
+    assert_eq!(
+        online_flags(&minority),
+        [("pve1".into(), 0), ("pve2".into(), 0), ("pve3".into(), 1)]
+    );
+    let majority = data_at(&client, &members[0].url(), "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&majority)["quorate"], 1);
+    assert_eq!(
+        online_flags(&majority),
+        [("pve1".into(), 1), ("pve2".into(), 1), ("pve3".into(), 0)]
+    );
+
+    members[2].set_partitioned(false);
+    let healed = data_at(&client, &members[2].url(), "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&healed)["quorate"], 1);
+    assert!(online_flags(&healed).iter().all(|(_, online)| *online == 1));
+}
+
+async fn tls_cluster_fake(nodes: &[&str]) -> (FakePve, Vec<FakeMember>) {
+    let fake = FakePve::start_cluster_tls(nodes).await;
+    fake.set_auth_failure_delay(SHORT_DELAY);
+    let members = nodes.iter().map(|name| fake.member(name)).collect();
+    (fake, members)
+}
+
+/// What the cluster vouches for: join info `pve_fp` and `/nodes` `ssl_fingerprint` of `name`,
+/// which must agree.
+async fn vouched_fingerprint(
+    client: &reqwest::Client,
+    base: &str,
+    ticket: &str,
+    name: &str,
+) -> String {
+    let join = data_at(client, base, "/cluster/config/join", ticket).await;
+    let nodes = data_at(client, base, "/nodes", ticket).await;
+    let pve_fp = entry(&join["nodelist"], "name", name)["pve_fp"].clone();
+    assert_eq!(entry(&nodes, "node", name)["ssl_fingerprint"], pve_fp);
+    pve_fp.as_str().expect("fingerprint").to_owned()
+}
+
+#[tokio::test]
+async fn fake_pve_tls_cluster_members_serve_their_own_certificates_from_one_ca() {
+    let (fake, members) = tls_cluster_fake(&["pve1", "pve2", "pve3"]).await;
+    assert_eq!(
+        fake.certificate_fingerprint(),
+        members[0].certificate_fingerprint()
+    );
+    let client = ca_client(&fake);
+    let login = login(&client, &fake).await;
+    let base = fake.url();
+    let mut served = HashSet::new();
+    for member in &members {
+        let fingerprint = member.certificate_fingerprint();
+        assert!(is_pve_fingerprint(&fingerprint), "{fingerprint}");
+        assert_eq!(
+            presented_fingerprint(&tls_connect(member.addr()).await),
+            fingerprint
+        );
+        assert_eq!(
+            vouched_fingerprint(&client, &base, &login.ticket, member.name()).await,
+            fingerprint
+        );
+        // Signed by the one CA, for its own address.
+        let response = client
+            .get(api_at(&member.url(), "/access/ticket"))
+            .send()
+            .await
+            .expect("GET over https");
+        assert_eq!(response.status(), StatusCode::OK);
+        served.insert(fingerprint);
+    }
+    assert_eq!(served.len(), 3);
+
+    let old = members[1].certificate_fingerprint();
+    members[1].rotate_certificate();
+    let renewed = members[1].certificate_fingerprint();
+    assert_ne!(renewed, old);
+    assert_eq!(
+        presented_fingerprint(&tls_connect(members[1].addr()).await),
+        renewed
+    );
+    assert_eq!(
+        vouched_fingerprint(&client, &members[2].url(), &login.ticket, "pve2").await,
+        renewed
+    );
+    assert_eq!(fake.node_fingerprint("pve2"), Some(renewed));
+
+    let vouched = members[2].certificate_fingerprint();
+    members[2].present_unvouched_certificate();
+    let impostor = members[2].certificate_fingerprint();
+    assert_ne!(impostor, vouched);
+    assert_eq!(
+        presented_fingerprint(&tls_connect(members[2].addr()).await),
+        impostor
+    );
+    assert_eq!(
+        vouched_fingerprint(&client, &base, &login.ticket, "pve3").await,
+        vouched,
+        "nobody vouches for the new certificate"
+    );
+    let response = client
+        .get(api_at(&members[2].url(), "/access/ticket"))
+        .send()
+        .await
+        .expect("the unvouched certificate still chains to the CA");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn fake_pve_added_member_gets_a_listener_a_new_config_and_leaves_again() {
+    let (fake, members) = tls_cluster_fake(&["pve1", "pve2"]).await;
+    let client = ca_client(&fake);
+    let login = login(&client, &fake).await;
+    let base = fake.url();
+    let before = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(before["totem"]["config_version"], "2");
+
+    let added = fake.add_member("pve3").await;
+    assert_eq!(added.name(), "pve3");
+    assert_eq!(
+        added.addr(),
+        SocketAddr::from(([127, 0, 0, 4], fake.addr().port()))
+    );
+    let served = presented_fingerprint(&tls_connect(added.addr()).await);
+    assert_eq!(served, added.certificate_fingerprint());
+    let join = data_at(
+        &client,
+        &members[1].url(),
+        "/cluster/config/join",
+        &login.ticket,
+    )
+    .await;
+    assert_ne!(join["config_digest"], before["config_digest"]);
+    assert_eq!(join["totem"]["config_version"], "3");
+    let node = entry(&join["nodelist"], "name", "pve3");
+    assert_eq!(node["pve_fp"], served.as_str());
+    assert_eq!(number_or_numeric_string(&node["nodeid"]), 3);
+    assert_eq!(node["pve_addr"], "127.0.0.4");
+    let status = data_at(&client, &added.url(), "/cluster/status", &login.ticket).await;
+    assert_eq!(cluster_entry(&status)["version"], 3);
+    assert_eq!(cluster_entry(&status)["nodes"], 3);
+    assert_eq!(entry(&status, "name", "pve3")["local"], 1);
+    assert_eq!(fake.member("pve3").addr(), added.addr());
+
+    fake.remove_member("pve3");
+    let join = data_at(&client, &base, "/cluster/config/join", &login.ticket).await;
+    assert_eq!(join["nodelist"].as_array().map(Vec::len), Some(2));
+    assert_eq!(join["totem"]["config_version"], "4");
+    assert_ne!(join["config_digest"], before["config_digest"]);
+    let addr = added.addr();
+    let refused = wait_until(
+        async || TcpStream::connect(addr).await.is_err(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(refused, "the listener of a removed member still accepts");
 }

@@ -4,6 +4,7 @@ mod bench;
 mod fake_pve;
 mod fake_pve_selftest;
 mod helpers;
+mod members;
 mod monitoring;
 mod operations;
 mod persistence;
