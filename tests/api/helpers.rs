@@ -563,6 +563,17 @@ pub async fn wait_for_cluster_skipping_stale(
     .await
 }
 
+/// Waits until the monitor has tried every member at least once (right after registration it
+/// probes those no check used, which is a shown change of its own) and returns that snapshot.
+pub async fn wait_for_member_probes(app: &TestApp, id: &str) -> Value {
+    wait_for_cluster_skipping_stale(app, id, "every member tried once", |c| {
+        c["members"]
+            .as_array()
+            .is_some_and(|members| members.iter().all(|m| !m["reachable"].is_null()))
+    })
+    .await
+}
+
 /// A timestamp field of a Cluster object.
 pub fn timestamp(cluster: &Value, field: &str) -> DateTime<Utc> {
     let text = cluster[field]
