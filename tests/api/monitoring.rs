@@ -15,7 +15,7 @@ use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
 use crate::helpers::{
     STATUS_PATH, TICKET_PATH, TestApp, WAIT, daemon_checking_every, fake_pve, fetch_cluster,
     has_status, id_of, is_healthy, list_clusters, register, register_fake_id, timestamp,
-    wait_for_cluster_skipping_stale, wait_until,
+    wait_for_cluster_skipping_stale, wait_for_member_probes, wait_until,
 };
 
 const VERSION_PATH: &str = "/api2/json/version";
