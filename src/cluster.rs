@@ -306,12 +306,18 @@ impl Cluster {
         }
     }
 
-    /// The cluster as the API shows it. A cluster whose newest check is older than
-    /// `stale_after` shows `unknown`: its monitor is stuck or restarting.
+    /// Whether the newest check is older than `stale_after`: the monitor is stuck or
+    /// restarting.
+    pub fn is_stale(&self, stale_after: Duration) -> bool {
+        self.last_check.is_some_and(|at| at.elapsed() > stale_after)
+    }
+
+    /// The cluster as the API shows it. A stale cluster shows `unknown`.
     pub fn view(&self, stale_after: Duration) -> ClusterView {
-        let (status, status_reason) = match self.last_check {
-            Some(at) if at.elapsed() > stale_after => (ClusterStatus::Unknown, StatusReason::Stale),
-            _ => (self.record.status, self.record.status_reason),
+        let (status, status_reason) = if self.is_stale(stale_after) {
+            (ClusterStatus::Unknown, StatusReason::Stale)
+        } else {
+            (self.record.status, self.record.status_reason)
         };
         let record = &self.record;
         ClusterView {

@@ -21,14 +21,21 @@ use crate::tls::Fingerprint;
         (status = 200, description = "All registered clusters", body = ClusterList),
         (status = 503, description = "The registry did not answer", body = ErrorBody),
     ))]
-pub(super) async fn clusters_list(
-    State(state): State<AppState>,
-) -> Result<Json<ClusterList>, ApiError> {
-    let clusters = ask(&state.registry, RegistryMsg::List).await?;
-    Ok(Json(ClusterList {
-        total: clusters.len(),
-        clusters,
-    }))
+pub(super) async fn clusters_list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let list = ask(&state.registry, RegistryMsg::ReadList).await?;
+    Ok(json_bytes(list.snapshot.full_body()))
+}
+
+/// A body rendered by the registry, sent as is.
+fn json_bytes(body: axum::body::Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// One cluster.
@@ -42,12 +49,18 @@ pub(super) async fn clusters_list(
 pub(super) async fn clusters_get(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<ClusterView>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
     let registry = &state.registry;
-    let view = call_t!(registry, RegistryMsg::Get, REGISTRY_CALL_TIMEOUT_MS, id)
-        .map_err(registry_unavailable)?;
-    view.map(Json).ok_or(ApiError::ClusterNotFound)
+    let read = call_t!(
+        registry,
+        RegistryMsg::ReadCluster,
+        REGISTRY_CALL_TIMEOUT_MS,
+        id
+    )
+    .map_err(registry_unavailable)?
+    .ok_or(ApiError::ClusterNotFound)?;
+    Ok(json_bytes(read.rendered.body))
 }
 
 /// Deregister a cluster: its monitor stops and its history is deleted.
@@ -131,16 +144,18 @@ pub(super) async fn clusters_create(
 pub(super) async fn clusters_history(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<HistoryList>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
     let registry = &state.registry;
-    let transitions = call_t!(registry, RegistryMsg::History, REGISTRY_CALL_TIMEOUT_MS, id)
-        .map_err(registry_unavailable)?
-        .ok_or(ApiError::ClusterNotFound)?;
-    Ok(Json(HistoryList {
-        total: transitions.len(),
-        transitions,
-    }))
+    let history = call_t!(
+        registry,
+        RegistryMsg::ReadHistory,
+        REGISTRY_CALL_TIMEOUT_MS,
+        id
+    )
+    .map_err(registry_unavailable)?
+    .ok_or(ApiError::ClusterNotFound)?;
+    Ok(json_bytes(history.body))
 }
 
 struct CancelOnDrop {

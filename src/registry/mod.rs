@@ -22,6 +22,10 @@ use crate::secrets::{SecretsError, Vault};
 use crate::store::{ClusterRecord, Store, StoreError};
 use crate::tls::{Fingerprint, TrustAnchors};
 
+pub mod views;
+
+use views::{ReadCluster, ReadList, ReadModel, Rendered};
+
 /// How often monitor results that changed something are written, in one transaction.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -31,6 +35,9 @@ const HEALTHY_PERIOD: Duration = Duration::from_secs(120);
 /// A status older than this many intervals (plus the longest a check may take) shows as
 /// unknown.
 const STALE_AFTER_INTERVALS: u32 = 3;
+
+/// How often shown statuses are re-checked for staleness; a stale status shows within this.
+const STALE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Identifies one registration attempt, so a client that goes away can cancel it.
 pub type RegistrationId = uuid::Uuid;
@@ -74,14 +81,18 @@ pub enum RegistryMsg {
     ),
     CancelRegistration(RegistrationId),
     ProbeFinished(RegistrationId, Result<ProbeReport, ProxmoxError>),
-    List(RpcReplyPort<Vec<ClusterView>>),
+    /// The rendered list and a way to wait for its next change.
+    ReadList(RpcReplyPort<ReadList>),
+    /// One rendered cluster and a way to wait for its next change; `None` when unknown.
+    ReadCluster(ClusterId, RpcReplyPort<Option<ReadCluster>>),
+    /// One cluster's rendered history; `None` when unknown.
+    ReadHistory(ClusterId, RpcReplyPort<Option<Rendered>>),
+    /// One cluster's view; `None` when unknown.
     Get(ClusterId, RpcReplyPort<Option<ClusterView>>),
     Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
     /// Answers with the number of clusters, proof the registry is alive, or why it is not
     /// healthy: the last write to the database failed.
     Ping(RpcReplyPort<Result<usize, String>>),
-    /// A cluster's status transitions, newest first; `None` for an unknown cluster.
-    History(ClusterId, RpcReplyPort<Option<Vec<Transition>>>),
     /// Subscribes to change events, replaying those after the given event id.
     Subscribe(Option<u64>, RpcReplyPort<Subscription>),
     /// Figures for `/metrics` and systemd's status line.
@@ -101,6 +112,8 @@ pub enum RegistryMsg {
     },
     RestartMonitor(ClusterId),
     Flush,
+    /// Re-renders clusters whose shown status turned stale (or back) since the last sweep.
+    SweepStale,
     /// Test access to a cluster's current monitor.
     #[cfg(test)]
     MonitorOf(ClusterId, RpcReplyPort<Option<ActorRef<MonitorMsg>>>),
@@ -156,6 +169,10 @@ pub struct RegistryState {
     /// Of the dirty clusters, those with a new status transition.
     history_dirty: HashSet<ClusterId>,
     events: EventHub,
+    /// What GET answers, rendered ahead of time.
+    views: ReadModel,
+    /// Clusters last rendered as stale.
+    stale_shown: HashSet<ClusterId>,
     /// The newest failed write, until a write succeeds; reported by `/health` and withheld
     /// watchdog pings, so a broken disk does not go unnoticed.
     store_error: Option<String>,
@@ -198,6 +215,8 @@ impl Actor for RegistryActor {
             dirty: HashSet::new(),
             history_dirty: HashSet::new(),
             events: EventHub::new(),
+            views: ReadModel::new(),
+            stale_shown: HashSet::new(),
             store_error: None,
         })
     }
@@ -208,10 +227,14 @@ impl Actor for RegistryActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let ids: Vec<ClusterId> = state.clusters.keys().copied().collect();
+        for id in &ids {
+            render(state, *id, true);
+        }
         for id in ids {
             spawn_monitor(&myself, state, id, None).await;
         }
         myself.send_interval(FLUSH_INTERVAL, || RegistryMsg::Flush);
+        myself.send_interval(STALE_SWEEP_INTERVAL, || RegistryMsg::SweepStale);
         Ok(())
     }
 
@@ -234,16 +257,14 @@ impl Actor for RegistryActor {
             RegistryMsg::ProbeFinished(id, result) => {
                 on_probe_finished(&myself, state, id, result).await;
             }
-            RegistryMsg::List(reply) => {
-                let stale_after = state.stale_after();
-                // UUIDv7 keys sort by creation time: newest first is reverse key order.
-                let views = state
-                    .clusters
-                    .values()
-                    .rev()
-                    .map(|c| c.view(stale_after))
-                    .collect();
-                let _ = reply.send(views);
+            RegistryMsg::ReadList(reply) => {
+                let _ = reply.send(state.views.list());
+            }
+            RegistryMsg::ReadCluster(id, reply) => {
+                let _ = reply.send(state.views.cluster(id));
+            }
+            RegistryMsg::ReadHistory(id, reply) => {
+                let _ = reply.send(state.views.history(id));
             }
             RegistryMsg::Get(id, reply) => {
                 let stale_after = state.stale_after();
@@ -259,9 +280,6 @@ impl Actor for RegistryActor {
                     Some(error) => Err(format!("database writes are failing: {error}")),
                 };
                 let _ = reply.send(health);
-            }
-            RegistryMsg::History(id, reply) => {
-                let _ = reply.send(state.clusters.get(&id).map(Cluster::history_newest_first));
             }
             RegistryMsg::Subscribe(last_event_id, reply) => {
                 let _ = reply.send(state.events.subscribe(last_event_id));
@@ -295,6 +313,7 @@ impl Actor for RegistryActor {
                 }
             }
             RegistryMsg::Flush => flush(state).await,
+            RegistryMsg::SweepStale => sweep_stale(state),
             #[cfg(test)]
             RegistryMsg::MonitorOf(id, reply) => {
                 let _ = reply.send(state.monitors.get(&id).map(|m| m.actor.clone()));
@@ -487,6 +506,7 @@ async fn commit_registration(
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
     state.clusters.insert(id, cluster);
+    render(state, id, true);
     publish(state, EventKind::Registered, &view);
     spawn_monitor(myself, state, id, Some(report.session)).await;
     Ok(view)
@@ -505,6 +525,8 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     state.restarts.remove(&id);
     state.dirty.remove(&id);
     state.history_dirty.remove(&id);
+    state.views.remove(id);
+    state.stale_shown.remove(&id);
     if let Some(cluster) = state.clusters.remove(&id) {
         tracing::info!(cluster = %cluster.record.name, cluster_id = %id, "cluster deregistered");
     }
@@ -543,13 +565,49 @@ fn on_check_completed(
         }
     }
     let members_effect = cluster.apply_members(members, now);
-    if effect.history_changed || members_effect.history_changed {
+    let history_changed = effect.history_changed || members_effect.history_changed;
+    if history_changed {
         state.history_dirty.insert(id);
     }
     if effect.changed || members_effect.changed {
         let view = cluster.view(stale_after);
         state.dirty.insert(id);
         publish(state, EventKind::Updated, &view);
+    }
+    // `last_checked_at` moved at least, so the body is re-rendered (its tag only if more did).
+    render(state, id, history_changed);
+}
+
+/// Re-renders one cluster's representation, and its history when that changed.
+fn render(state: &mut RegistryState, id: ClusterId, with_history: bool) {
+    let stale_after = state.stale_after();
+    let Some(cluster) = state.clusters.get(&id) else {
+        return;
+    };
+    let view = cluster.view(stale_after);
+    if view.status_reason == StatusReason::Stale {
+        state.stale_shown.insert(id);
+    } else {
+        state.stale_shown.remove(&id);
+    }
+    state.views.put_cluster(&view, cluster.record.created_at);
+    if with_history {
+        state.views.put_history(id, &cluster.history_newest_first());
+    }
+}
+
+/// A status is shown `unknown` once its newest check is too old: render that when it
+/// happens, not per request.
+fn sweep_stale(state: &mut RegistryState) {
+    let stale_after = state.stale_after();
+    let flipped: Vec<ClusterId> = state
+        .clusters
+        .values()
+        .filter(|c| c.is_stale(stale_after) != state.stale_shown.contains(&c.id()))
+        .map(Cluster::id)
+        .collect();
+    for id in flipped {
+        render(state, id, false);
     }
 }
 
