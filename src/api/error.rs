@@ -1,5 +1,8 @@
 //! The API's error type. Every failure a client can see is one of these, rendered as the
-//! specification's `{"code","message","details"}` JSON with `code` the reason phrase.
+//! specification's `{"code","message","details"}` JSON. Status, code and message of every
+//! variant come from one table, `ApiError::answer`.
+
+use std::fmt;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -11,50 +14,109 @@ use crate::domain::ValidationError;
 use crate::proxmox::ProxmoxError;
 use crate::registry::RegistryError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum ApiError {
-    #[error("{message}")]
+    /// Invalid input: a field that fails validation, a malformed or non-object body, a bad
+    /// query parameter. The message says which; `details` usually names the field.
     BadRequest { message: String, details: Value },
-    #[error("Authentication failed")]
+    /// Proxmox rejected the credentials, or the account needs a second factor.
     Unauthorized { details: Value },
-    #[error("Insufficient privileges on Proxmox")]
+    /// The Proxmox user may log in but lacks the privilege to read cluster status.
     Forbidden { details: Value },
-    #[error("Cluster not found")]
+    /// No cluster with this id (also for ids that are not UUIDs).
     ClusterNotFound,
-    #[error("Route not found")]
+    /// No route matches the path.
     RouteNotFound,
-    #[error("Method not allowed")]
+    /// The route exists, but not with this method.
     MethodNotAllowed,
-    #[error("Cluster already exists")]
+    /// A cluster with this name is already registered.
     Conflict { details: Value },
-    #[error("Request body is too large")]
+    /// The body is over [`super::MAX_BODY_BYTES`].
     PayloadTooLarge,
-    #[error("Content-Type must be application/json")]
+    /// A body that is not declared as `application/json`.
     UnsupportedMediaType,
     /// The cause is logged, never sent: it may name paths or internals.
-    #[error("Internal server error")]
     Internal(String),
-    #[error("Service unavailable")]
+    /// The registry did not answer, or database writes are failing; `reason` says which.
     Unavailable { reason: String },
-    #[error("Failed to connect to Proxmox")]
+    /// Proxmox could not be reached or did not answer like Proxmox.
     BadGateway { details: Value },
 }
 
+/// One row of the error table: what a client sees for one variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer<'a> {
+    status: StatusCode,
+    /// The body's `code`: a PascalCase word clients match on.
+    code: &'static str,
+    /// The body's `message`.
+    message: &'a str,
+}
+
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::ClusterNotFound | Self::RouteNotFound => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+    /// The table of proxmoxer's errors: the one place that gives each variant its status, code
+    /// and message. The codes are part of the v1 contract, which clients match on, so they are
+    /// spelled out here rather than taken from the HTTP library's reason phrases: those follow
+    /// the RFCs (413 is "Content Too Large" since RFC 9110) and would change our answers with a
+    /// dependency upgrade.
+    fn answer(&self) -> Answer<'_> {
+        let (status, code, message) = match self {
+            Self::BadRequest { message, .. } => {
+                (StatusCode::BAD_REQUEST, "BadRequest", message.as_str())
+            }
+            Self::Unauthorized { .. } => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Authentication failed",
+            ),
+            Self::Forbidden { .. } => (
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "Insufficient privileges on Proxmox",
+            ),
+            Self::ClusterNotFound => (StatusCode::NOT_FOUND, "NotFound", "Cluster not found"),
+            Self::RouteNotFound => (StatusCode::NOT_FOUND, "NotFound", "Route not found"),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "Method not allowed",
+            ),
+            Self::Conflict { .. } => (StatusCode::CONFLICT, "Conflict", "Cluster already exists"),
+            Self::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PayloadTooLarge",
+                "Request body is too large",
+            ),
+            Self::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                "Content-Type must be application/json",
+            ),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "Internal server error",
+            ),
+            Self::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "Service unavailable",
+            ),
+            Self::BadGateway { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                "Failed to connect to Proxmox",
+            ),
+        };
+        Answer {
+            status,
+            code,
+            message,
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.answer().status
     }
 
     fn details(&self) -> Value {
@@ -77,20 +139,28 @@ impl ApiError {
     }
 }
 
+/// The client-facing message, so logs and responses say the same thing.
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.answer().message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
         if let Self::Internal(cause) = &self {
             tracing::error!(error = %cause, "internal error");
         }
-        let code: String = status
-            .canonical_reason()
-            .unwrap_or("Error")
-            .split_whitespace()
-            .collect();
+        let Answer {
+            status,
+            code,
+            message,
+        } = self.answer();
         let body = json!({
             "code": code,
-            "message": self.to_string(),
+            "message": message,
             "details": self.details(),
         });
         (status, Json(body)).into_response()
@@ -173,5 +243,147 @@ impl From<RegistryError> for ApiError {
             RegistryError::Secrets(e) => Self::Internal(e.to_string()),
             RegistryError::Task(e) => Self::Internal(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which variant an error is. Adding a variant breaks this match, which leads to
+    /// [`one_of_each`], so the table test cannot silently skip a new variant.
+    fn variant(e: &ApiError) -> usize {
+        match e {
+            ApiError::BadRequest { .. } => 0,
+            ApiError::Unauthorized { .. } => 1,
+            ApiError::Forbidden { .. } => 2,
+            ApiError::ClusterNotFound => 3,
+            ApiError::RouteNotFound => 4,
+            ApiError::MethodNotAllowed => 5,
+            ApiError::Conflict { .. } => 6,
+            ApiError::PayloadTooLarge => 7,
+            ApiError::UnsupportedMediaType => 8,
+            ApiError::Internal(_) => 9,
+            ApiError::Unavailable { .. } => 10,
+            ApiError::BadGateway { .. } => 11,
+        }
+    }
+    const VARIANTS: usize = 12;
+
+    /// One error of every variant, with the status and code the v1 contract gives it (the
+    /// specification and the README's error table).
+    fn one_of_each() -> Vec<(ApiError, StatusCode, &'static str)> {
+        vec![
+            (
+                ApiError::bad_request("Cluster name is required", Value::Null),
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+            ),
+            (
+                ApiError::Unauthorized {
+                    details: Value::Null,
+                },
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+            ),
+            (
+                ApiError::Forbidden {
+                    details: Value::Null,
+                },
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+            ),
+            (ApiError::ClusterNotFound, StatusCode::NOT_FOUND, "NotFound"),
+            (ApiError::RouteNotFound, StatusCode::NOT_FOUND, "NotFound"),
+            (
+                ApiError::MethodNotAllowed,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+            ),
+            (
+                ApiError::Conflict {
+                    details: Value::Null,
+                },
+                StatusCode::CONFLICT,
+                "Conflict",
+            ),
+            (
+                ApiError::PayloadTooLarge,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PayloadTooLarge",
+            ),
+            (
+                ApiError::UnsupportedMediaType,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+            ),
+            (
+                ApiError::Internal("disk full".to_owned()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+            ),
+            (
+                ApiError::Unavailable {
+                    reason: "the registry did not answer in time".to_owned(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+            ),
+            (
+                ApiError::BadGateway {
+                    details: Value::Null,
+                },
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+            ),
+        ]
+    }
+
+    fn is_pascal_case_word(code: &str) -> bool {
+        code.starts_with(|c: char| c.is_ascii_uppercase())
+            && code.chars().all(|c| c.is_ascii_alphanumeric())
+    }
+
+    #[test]
+    fn every_variant_has_its_contract_status_and_a_pascal_case_code() {
+        let all = one_of_each();
+        let mut seen: Vec<usize> = all.iter().map(|(e, _, _)| variant(e)).collect();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..VARIANTS).collect::<Vec<_>>(),
+            "one error of every variant"
+        );
+        for (error, status, code) in &all {
+            let answer = error.answer();
+            assert!(
+                is_pascal_case_word(answer.code),
+                "{error:?}: code {:?}",
+                answer.code
+            );
+            assert_eq!((answer.status, answer.code), (*status, *code), "{error:?}");
+            assert_eq!(error.status(), *status, "{error:?}");
+            assert!(!answer.message.is_empty(), "{error:?}");
+            assert_eq!(error.to_string(), answer.message, "{error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_response_body_carries_the_table_row_and_hides_internal_causes() {
+        let response =
+            ApiError::Internal("/var/lib/proxmoxer/db: disk full".to_owned()).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("read the error body");
+        let body: Value = serde_json::from_slice(&bytes).expect("the error body is JSON");
+        assert_eq!(
+            body,
+            json!({
+                "code": "InternalServerError",
+                "message": "Internal server error",
+                "details": null,
+            })
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -104,10 +104,10 @@ async fn observe(request: Request, next: Next) -> Response {
         request_id,
         "request"
     );
-    let method = method.to_string();
+    let method = method_label(&method);
     metrics::counter!(
         "proxmoxer_http_requests_total",
-        "method" => method.clone(),
+        "method" => method,
         "route" => route.clone(),
         "status" => status.to_string(),
     )
@@ -119,6 +119,29 @@ async fn observe(request: Request, next: Next) -> Response {
     )
     .record(elapsed.as_secs_f64());
     response
+}
+
+/// The standard methods (RFC 9110 and PATCH), the only ones that get their own `method` label.
+static STANDARD_METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::CONNECT,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
+
+/// The `method` label of the request metrics: a standard method's name, anything else `other`.
+/// Clients may send any token as a method, and each label value is a new series kept for the
+/// daemon's lifetime, so invented methods must not reach the label.
+fn method_label(method: &Method) -> &'static str {
+    STANDARD_METHODS
+        .iter()
+        .find(|standard| *standard == method)
+        .map_or("other", Method::as_str)
 }
 
 async fn route_not_found() -> ApiError {
@@ -178,4 +201,20 @@ fn registry_unavailable(e: RactorErr<RegistryMsg>) -> ApiError {
         other => format!("the registry is not running ({other})"),
     };
     ApiError::Unavailable { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_standard_methods_name_their_metric_label() {
+        for method in &STANDARD_METHODS {
+            assert_eq!(method_label(method), method.as_str());
+        }
+        for invented in [&b"FOO"[..], b"get", b"PROPFIND", b"X-GET"] {
+            let method = Method::from_bytes(invented).expect("a valid method token");
+            assert_eq!(method_label(&method), "other", "{method}");
+        }
+    }
 }

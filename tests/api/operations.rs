@@ -1078,6 +1078,80 @@ async fn failed_checks_are_counted_by_the_reason_the_cluster_shows() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_are_counted_as_other_and_add_no_series_of_their_own() {
+    let app = TestApp::spawn().await;
+    let invented = ["FOO", "BREW", "PROPFIND", "get", "X-SCAN-1"];
+    let urls = [
+        app.api_url("/clusters"),
+        format!("{}/health", app.base_url()),
+        app.api_url("/no-such-route"),
+    ];
+    let mut sent = 0.0;
+    for name in invented {
+        let method = reqwest::Method::from_bytes(name.as_bytes()).expect("a valid method token");
+        for url in &urls {
+            let response = app
+                .client
+                .request(method.clone(), url)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{name} {url}: {e}"));
+            assert!(
+                response.status().is_client_error(),
+                "{name} {url}: {}",
+                response.status()
+            );
+            sent += 1.0;
+        }
+    }
+
+    let requests = "proxmoxer_http_requests_total";
+    let counted = |m: &Scrape| -> f64 {
+        m.find(requests, &[("method", "other")])
+            .iter()
+            .map(|s| s.value)
+            .sum()
+    };
+    let m = wait_for_scrape(&app, "every invented request counted", |m| {
+        counted(m) >= sent
+    })
+    .await;
+    assert_eq!(counted(&m), sent, "{}", m.text);
+    assert!(
+        !m.find(
+            "proxmoxer_http_request_duration_seconds_count",
+            &[("method", "other")]
+        )
+        .is_empty(),
+        "{}",
+        m.text
+    );
+    let standard = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
+    ];
+    let minted: Vec<&Sample> = m
+        .samples
+        .iter()
+        .filter(|s| {
+            s.labels
+                .get("method")
+                .is_some_and(|method| !standard.contains(&method.as_str()))
+        })
+        .collect();
+    assert!(
+        minted.is_empty(),
+        "series labelled with an invented method: {minted:?}"
+    );
+    for name in invented {
+        assert!(
+            !m.text.contains(&format!("method=\"{name}\"")),
+            "{name} is a label value:\n{}",
+            m.text
+        );
+    }
+}
+
 // --- OpenAPI ------------------------------------------------------------------------------------
 
 /// Every route the daemon serves, as (path template, method).
