@@ -9,10 +9,68 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::Endpoint;
 use crate::domain::{AuthMethod, ClusterId, ClusterStatus, Credentials, StatusReason};
+use crate::domain::{ClusterName, ProxmoxUser, Secret, TokenId};
+use crate::proxmox::members::Member;
 use crate::proxmox::members::{MemberReport, MemberView};
 use crate::proxmox::{ClusterHealth, ProxmoxError};
-use crate::store::ClusterRecord;
+use crate::secrets::SealedSecret;
 use crate::tls::Fingerprint;
+
+/// A cluster as it is persisted. The credential is only ever stored sealed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub format: u32,
+    pub id: ClusterId,
+    pub name: ClusterName,
+    pub api_endpoint: Endpoint,
+    pub username: ProxmoxUser,
+    #[serde(default)]
+    pub auth_method: AuthMethod,
+    #[serde(default)]
+    pub token_id: Option<TokenId>,
+    /// The password or token secret, sealed under the key with the id as context.
+    pub credential: SealedSecret,
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
+    pub proxmox_version: String,
+    pub node_count: u32,
+    pub nodes_online: u32,
+    pub quorate: Option<bool>,
+    pub status: ClusterStatus,
+    pub status_reason: StatusReason,
+    pub last_error: Option<String>,
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Every known member with its pin, so failover works after a restart.
+    #[serde(default)]
+    pub members: Vec<Member>,
+    /// The endpoint that answered the newest check.
+    #[serde(default)]
+    pub active_endpoint: Option<Endpoint>,
+}
+
+impl ClusterRecord {
+    /// The version of the stored JSON; a schema change is a new format.
+    pub const FORMAT: u32 = 1;
+
+    /// The credentials, given the opened secret; `None` for a token record without a token
+    /// id, which only a corrupt database holds.
+    pub fn credentials(&self, secret: Secret) -> Option<Credentials> {
+        match (self.auth_method, &self.token_id) {
+            (AuthMethod::Password, _) => Some(Credentials::Password {
+                username: self.username.clone(),
+                password: secret,
+            }),
+            (AuthMethod::Token, Some(token_id)) => Some(Credentials::Token {
+                username: self.username.clone(),
+                token_id: token_id.clone(),
+                secret,
+            }),
+            (AuthMethod::Token, None) => None,
+        }
+    }
+}
 
 /// A monitor's verdict on one check.
 #[derive(Debug, Clone)]
@@ -74,6 +132,10 @@ pub struct Cluster {
     pub credentials: Credentials,
     /// Newest last, at most [`HISTORY_CAPACITY`].
     history: VecDeque<Transition>,
+    /// The sequence number the next transition is stored under.
+    next_sequence: u64,
+    /// Transitions not yet handed to the store, with their sequence numbers.
+    unstored: Vec<(u64, Transition)>,
     consecutive_failures: u32,
     /// When the newest check completed, in this process; `None` until one has.
     last_check: Option<Instant>,
@@ -94,50 +156,72 @@ impl Cluster {
             error: None,
             member: None,
         };
-        Self {
+        let mut cluster = Self {
             last_active: record.active_endpoint.clone(),
             record,
             credentials,
-            history: VecDeque::from([first]),
+            history: VecDeque::new(),
+            next_sequence: 0,
+            unstored: Vec::new(),
             consecutive_failures: 0,
             last_check: Some(Instant::now()),
             last_success: Some(Instant::now()),
-        }
+        };
+        cluster.remember(first);
+        cluster
     }
 
     /// A cluster loaded at start: nothing is known of it until its monitor reports.
     pub fn loaded(
         mut record: ClusterRecord,
         credentials: Credentials,
-        history: Vec<Transition>,
+        stored: Vec<(u64, Transition)>,
     ) -> Self {
-        let mut history = VecDeque::from(history);
+        let next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
+        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
+        let history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        let before_restart = (record.status, record.status_reason);
+        record.status = ClusterStatus::Unknown;
+        record.status_reason = StatusReason::NotChecked;
+        let mut cluster = Self {
+            last_active: record.active_endpoint.clone(),
+            record,
+            credentials,
+            history,
+            next_sequence,
+            unstored: Vec::new(),
+            consecutive_failures: 0,
+            last_check: None,
+            last_success: None,
+        };
         // The restart itself is a transition: the status is unknown until the next check, and
         // the history should read that way rather than jump from the last status before it.
-        if record.status != ClusterStatus::Unknown {
-            history.push_back(Transition {
+        if before_restart.0 != ClusterStatus::Unknown {
+            cluster.remember(Transition {
                 at: Utc::now(),
-                from: record.status,
+                from: before_restart.0,
                 to: ClusterStatus::Unknown,
                 reason: StatusReason::NotChecked,
                 error: None,
                 member: None,
             });
         }
-        record.status = ClusterStatus::Unknown;
-        record.status_reason = StatusReason::NotChecked;
-        while history.len() > HISTORY_CAPACITY {
-            history.pop_front();
-        }
-        Self {
-            last_active: record.active_endpoint.clone(),
-            record,
-            credentials,
-            history,
-            consecutive_failures: 0,
-            last_check: None,
-            last_success: None,
-        }
+        cluster
+    }
+
+    /// Transitions recorded since the last call, with their sequence numbers, and the
+    /// sequence number below which stored rows fall outside the cap.
+    pub fn take_unstored_history(&mut self) -> (Vec<(u64, Transition)>, Option<u64>) {
+        let trim = self
+            .next_sequence
+            .checked_sub(HISTORY_CAPACITY as u64)
+            .filter(|below| *below > 0 && !self.unstored.is_empty());
+        (std::mem::take(&mut self.unstored), trim)
+    }
+
+    /// Whether transitions wait to be stored.
+    pub fn has_unstored_history(&self) -> bool {
+        !self.unstored.is_empty()
     }
 
     /// Status transitions, newest first.
@@ -237,6 +321,8 @@ impl Cluster {
         if self.history.len() == HISTORY_CAPACITY {
             self.history.pop_front();
         }
+        self.unstored.push((self.next_sequence, transition.clone()));
+        self.next_sequence += 1;
         self.history.push_back(transition);
     }
 

@@ -218,7 +218,12 @@ fn open_state(
         .into_iter()
         .map(|record| {
             let secret = vault.open(&record.credential, record.id.as_bytes())?;
-            let credentials = record.credentials(secret)?;
+            let credentials = record
+                .credentials(secret)
+                .ok_or_else(|| StoreError::Corrupt {
+                    id: record.id.to_string(),
+                    message: "token credentials without a token id".into(),
+                })?;
             let history = histories.remove(&record.id).unwrap_or_default();
             Ok(Cluster::loaded(record, credentials, history))
         })

@@ -3,35 +3,36 @@
 //! redb is synchronous (`commit` fsyncs), so callers run these methods on a blocking thread.
 //! Records are versioned JSON: a schema change is a new `format`, not a redb type mismatch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
-use serde::{Deserialize, Serialize};
 
-use crate::cluster::Transition;
-use crate::domain::{
-    AuthMethod, ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, ProxmoxUser, Secret,
-    StatusReason, TokenId,
-};
-use crate::proxmox::members::Member;
+use crate::cluster::{ClusterRecord, Transition};
+use crate::domain::ClusterId;
 use crate::secrets::SealedSecret;
-use crate::tls::Fingerprint;
 
 const CLUSTERS: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("clusters_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
-/// Per cluster, its recent status transitions as one JSON array, oldest first.
-const HISTORY: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("history_v1");
+/// Before history rows: per cluster, its transitions as one JSON array, oldest first. Read
+/// once to migrate, then dropped.
+const HISTORY_V1: TableDefinition<ClusterId, &[u8]> = TableDefinition::new("history_v1");
+/// One row per transition, keyed by cluster and a per-cluster sequence number, so recording a
+/// transition costs one row, not a rewrite of the whole history.
+const HISTORY: TableDefinition<(ClusterId, u64), &[u8]> = TableDefinition::new("history_v2");
+/// Set to a file path, every commit first reads it: `stall <ms>` delays the commit, `fail`
+/// fails it. Lets tests exercise a slow or failing disk from outside the process.
+pub const FAULT_FILE_ENV: &str = "PROXMOXER_STORE_FAULT_FILE";
+/// Written by [`Store::probe`]; its value means nothing.
+const WRITE_PROBE: &str = "write_probe";
 /// A value sealed under the key, so a wrong key is caught at start, before any cluster is read.
 const KEY_CHECK: &str = "key_check";
-const RECORD_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,67 +64,78 @@ db_err!(
     redb::CommitError
 );
 
-/// A cluster as it is persisted. The credential is only ever stored sealed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterRecord {
-    pub format: u32,
-    pub id: ClusterId,
-    pub name: ClusterName,
-    pub api_endpoint: Endpoint,
-    pub username: ProxmoxUser,
-    #[serde(default)]
-    pub auth_method: AuthMethod,
-    #[serde(default)]
-    pub token_id: Option<TokenId>,
-    /// The password or token secret, sealed under the key with the id as context.
-    pub credential: SealedSecret,
-    #[serde(default)]
-    pub fingerprint: Option<Fingerprint>,
-    pub proxmox_version: String,
-    pub node_count: u32,
-    pub nodes_online: u32,
-    pub quorate: Option<bool>,
-    pub status: ClusterStatus,
-    pub status_reason: StatusReason,
-    pub last_error: Option<String>,
-    pub last_checked_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// Every known member with its pin, so failover works after a restart.
-    #[serde(default)]
-    pub members: Vec<Member>,
-    /// The endpoint that answered the newest check.
-    #[serde(default)]
-    pub active_endpoint: Option<Endpoint>,
+/// Changes to store in one transaction.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// Records to insert or replace, the newest per cluster.
+    pub records: BTreeMap<ClusterId, ClusterRecord>,
+    /// History rows to add: cluster, sequence number, transition.
+    pub history: Vec<(ClusterId, u64, Transition)>,
+    /// Per cluster, history rows with a sequence number below this are dropped (the cap).
+    pub trims: BTreeMap<ClusterId, u64>,
+    /// Clusters to delete with their history.
+    pub deletes: Vec<ClusterId>,
 }
 
-impl ClusterRecord {
-    pub const FORMAT: u32 = RECORD_FORMAT;
+impl WriteBatch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.history.is_empty()
+            && self.trims.is_empty()
+            && self.deletes.is_empty()
+    }
 
-    /// The credentials, given the opened secret.
-    pub fn credentials(&self, secret: Secret) -> Result<Credentials, StoreError> {
-        match (self.auth_method, &self.token_id) {
-            (AuthMethod::Password, _) => Ok(Credentials::Password {
-                username: self.username.clone(),
-                password: secret,
-            }),
-            (AuthMethod::Token, Some(token_id)) => Ok(Credentials::Token {
-                username: self.username.clone(),
-                token_id: token_id.clone(),
-                secret,
-            }),
-            (AuthMethod::Token, None) => Err(StoreError::Corrupt {
-                id: self.id.to_string(),
-                message: "token credentials without a token id".into(),
-            }),
+    /// Adds `later` to this batch: its records replace older ones, its deletions drop what
+    /// this batch held for those clusters.
+    pub fn merge(&mut self, later: WriteBatch) {
+        self.records.extend(later.records);
+        self.history.extend(later.history);
+        for (id, below) in later.trims {
+            let trim = self.trims.entry(id).or_insert(below);
+            *trim = (*trim).max(below);
+        }
+        for id in later.deletes {
+            self.records.remove(&id);
+            self.history.retain(|(history_id, _, _)| *history_id != id);
+            self.trims.remove(&id);
+            self.deletes.push(id);
         }
     }
+}
+
+/// Moves histories stored as one array per cluster into rows.
+fn migrate_history(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(HISTORY)?;
+    let old: Vec<(ClusterId, Vec<u8>)> = {
+        let table = tx.open_table(HISTORY_V1)?;
+        table
+            .iter()?
+            .map(|entry| entry.map(|(k, v)| (k.value(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?
+    };
+    if !old.is_empty() {
+        let mut rows = tx.open_table(HISTORY)?;
+        for (id, bytes) in old {
+            let transitions: Vec<serde_json::Value> =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    id: format!("history of {id}"),
+                    message: e.to_string(),
+                })?;
+            for (sequence, transition) in (0_u64..).zip(transitions) {
+                rows.insert((id, sequence), transition.to_string().as_bytes())?;
+            }
+        }
+    }
+    tx.delete_table(HISTORY_V1)?;
+    Ok(())
 }
 
 /// A handle to the database. Clones share it.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    fault_file: Option<PathBuf>,
 }
 
 impl Store {
@@ -160,9 +172,12 @@ impl Store {
         let tx = db.begin_write()?;
         tx.open_table(CLUSTERS)?;
         tx.open_table(META)?;
-        tx.open_table(HISTORY)?;
+        migrate_history(&tx)?;
         tx.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            fault_file: std::env::var_os(FAULT_FILE_ENV).map(PathBuf::from),
+        })
     }
 
     /// Every stored cluster, oldest first.
@@ -178,7 +193,7 @@ impl Store {
                     id: id.to_string(),
                     message: e.to_string(),
                 })?;
-            if record.format != RECORD_FORMAT {
+            if record.format != ClusterRecord::FORMAT {
                 return Err(StoreError::Corrupt {
                     id: id.to_string(),
                     message: format!("unsupported record format {}", record.format),
@@ -189,60 +204,83 @@ impl Store {
         Ok(records)
     }
 
-    /// Every stored status history.
-    pub fn load_histories(&self) -> Result<HashMap<ClusterId, Vec<Transition>>, StoreError> {
+    /// Every stored status history: per cluster, `(sequence, transition)` oldest first.
+    pub fn load_histories(&self) -> Result<HashMap<ClusterId, Vec<(u64, Transition)>>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(HISTORY)?;
-        let mut histories = HashMap::new();
+        let mut histories: HashMap<ClusterId, Vec<(u64, Transition)>> = HashMap::new();
         for entry in table.iter()? {
             let (key, value) = entry?;
-            let id = key.value();
-            let history: Vec<Transition> =
+            let (id, sequence) = key.value();
+            let transition: Transition =
                 serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
                     id: format!("history of {id}"),
                     message: e.to_string(),
                 })?;
-            histories.insert(id, history);
+            histories
+                .entry(id)
+                .or_default()
+                .push((sequence, transition));
         }
         Ok(histories)
     }
 
-    /// Writes records, and the histories given with them, in one durable transaction: when
-    /// this returns, they survive a crash. A history is rewritten only when it changed.
-    pub fn put(
-        &self,
-        clusters: &[(ClusterRecord, Option<Vec<Transition>>)],
-    ) -> Result<(), StoreError> {
+    /// Applies a batch in one durable transaction: when this returns, it survives a crash.
+    /// Upserts come first, then history rows, then trims, then deletions, so a deletion in
+    /// the same batch wins.
+    pub fn apply(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        self.injected_fault()?;
         let encode = |what: &str, e: serde_json::Error| {
             StoreError::Database(format!("cannot encode {what}: {e}"))
         };
         let tx = self.db.begin_write()?;
         {
             let mut records = tx.open_table(CLUSTERS)?;
-            let mut histories = tx.open_table(HISTORY)?;
-            for (record, history) in clusters {
+            let mut history = tx.open_table(HISTORY)?;
+            for record in batch.records.values() {
                 let bytes = serde_json::to_vec(record).map_err(|e| encode("record", e))?;
                 records.insert(record.id, bytes.as_slice())?;
-                if let Some(history) = history {
-                    let bytes = serde_json::to_vec(history).map_err(|e| encode("history", e))?;
-                    histories.insert(record.id, bytes.as_slice())?;
-                }
+            }
+            for (id, sequence, transition) in &batch.history {
+                let bytes = serde_json::to_vec(transition).map_err(|e| encode("history", e))?;
+                history.insert((*id, *sequence), bytes.as_slice())?;
+            }
+            for (id, below) in &batch.trims {
+                history.retain_in((*id, 0)..(*id, *below), |_, _| false)?;
+            }
+            for id in &batch.deletes {
+                records.remove(*id)?;
+                history.retain_in((*id, 0)..=(*id, u64::MAX), |_, _| false)?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Deletes a cluster and its history durably. Returns whether it existed.
-    pub fn delete(&self, id: ClusterId) -> Result<bool, StoreError> {
+    /// A write that changes nothing visible, to learn whether the disk takes writes again.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        self.injected_fault()?;
         let tx = self.db.begin_write()?;
-        let existed = {
-            let mut table = tx.open_table(CLUSTERS)?;
-            tx.open_table(HISTORY)?.remove(id)?;
-            table.remove(id)?.is_some()
-        };
+        tx.open_table(META)?.insert(WRITE_PROBE, [].as_slice())?;
         tx.commit()?;
-        Ok(existed)
+        Ok(())
+    }
+
+    fn injected_fault(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.fault_file else {
+            return Ok(());
+        };
+        let instruction = std::fs::read_to_string(path).unwrap_or_default();
+        let mut words = instruction.split_whitespace();
+        match words.next() {
+            Some("fail") => Err(StoreError::Database("injected write failure".into())),
+            Some("stall") => {
+                let millis = words.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(millis));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the database holds anything sealed under a key.

@@ -241,7 +241,6 @@ impl From<RegistryError> for ApiError {
             RegistryError::Proxmox(e) => e.into(),
             RegistryError::Store(e) => Self::Internal(e.to_string()),
             RegistryError::Secrets(e) => Self::Internal(e.to_string()),
-            RegistryError::Task(e) => Self::Internal(e),
         }
     }
 }

@@ -1,30 +1,42 @@
 //! The registry actor: the only owner of cluster state and the only writer to the store.
 //!
-//! It never awaits the network. A registration reserves its name, probes Proxmox in a task of
-//! its own, and comes back as a message to be committed; a monitor per cluster, spawned and
-//! supervised here, checks Proxmox and reports results as messages too.
+//! It never awaits the network or the disk. A registration reserves its name, probes Proxmox
+//! in a task of its own, and comes back as a message to be stored; commits run on the store
+//! writer and come back as messages too; a monitor per cluster, spawned and supervised here,
+//! checks Proxmox and reports results as messages.
+//!
+//! - [`registration`]: reserve, probe, store, go live.
+//! - [`supervision`]: monitors' lifecycle and their reports.
+//! - [`writer`]: the store writer (group commit, retries, health).
+//! - [`views`]: what GET answers, rendered ahead of time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::Utc;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::task::JoinHandle;
 
-use crate::cluster::{CheckOutcome, Cluster, ClusterView, Transition};
-use crate::domain::{ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, StatusReason};
+use crate::cluster::{CheckOutcome, Cluster, ClusterView};
+use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, StatusReason};
 use crate::events::{EventHub, EventKind, Subscription};
-use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg, MonitorSettings};
-use crate::proxmox::members::{self, ChannelTrust, Member, MemberReport};
-use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
+#[cfg(test)]
+use crate::monitor::MonitorMsg;
+use crate::monitor::MonitorSettings;
+use crate::proxmox::members::MemberReport;
+use crate::proxmox::{ProbeReport, ProxmoxError};
 use crate::secrets::{SecretsError, Vault};
-use crate::store::{ClusterRecord, Store, StoreError};
+use crate::store::{Store, StoreError, WriteBatch};
 use crate::tls::{Fingerprint, TrustAnchors};
 
+mod registration;
+mod supervision;
 pub mod views;
+pub mod writer;
 
+use registration::{PendingRegistration, StoringRegistration};
+use supervision::{MonitorHandle, RestartBackoff, spawn_monitor};
 use views::{ReadCluster, ReadList, ReadModel, Rendered};
+use writer::Writer;
 
 /// How often monitor results that changed something are written, in one transaction.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
@@ -42,20 +54,24 @@ const STALE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Identifies one registration attempt, so a client that goes away can cancel it.
 pub type RegistrationId = uuid::Uuid;
 
+/// Why the registry refused or failed a request.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The name is taken by another cluster or a registration in progress.
     #[error("a cluster with this name already exists")]
     Conflict,
+    /// No cluster has this id.
     #[error("cluster not found")]
     NotFound,
+    /// Proxmox refused the registration or could not be reached.
     #[error(transparent)]
     Proxmox(#[from] ProxmoxError),
+    /// The change could not be stored.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The credentials could not be sealed.
     #[error(transparent)]
     Secrets(#[from] SecretsError),
-    #[error("a background task failed: {0}")]
-    Task(String),
 }
 
 /// A validated registration request.
@@ -112,6 +128,10 @@ pub enum RegistryMsg {
     },
     RestartMonitor(ClusterId),
     Flush,
+    /// The writer is done with a registration.
+    RegistrationStored(RegistrationId, Result<(), StoreError>),
+    /// The writer is done with a deletion.
+    DeletionStored(ClusterId, Result<(), StoreError>),
     /// Re-renders clusters whose shown status turned stale (or back) since the last sweep.
     SweepStale,
     /// Test access to a cluster's current monitor.
@@ -136,46 +156,28 @@ pub struct RegistryArgs {
     pub trust: TrustAnchors,
 }
 
-struct PendingRegistration {
-    name: ClusterName,
-    request: NewCluster,
-    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
-    probe: JoinHandle<()>,
-}
-
-struct MonitorHandle {
-    actor: ActorRef<MonitorMsg>,
-    generation: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RestartBackoff {
-    delay: Duration,
-    last_restart: Instant,
-}
-
+/// The registry's state; only its own handlers touch it.
 pub struct RegistryState {
-    store: Store,
+    writer: Writer,
     vault: Arc<Vault>,
     settings: RegistrySettings,
     trust: TrustAnchors,
     clusters: BTreeMap<ClusterId, Cluster>,
     pending: HashMap<RegistrationId, PendingRegistration>,
+    storing: HashMap<RegistrationId, StoringRegistration>,
+    /// Deletions the writer is storing, with every client waiting on them.
+    deleting: HashMap<ClusterId, Vec<RpcReplyPort<Result<(), RegistryError>>>>,
     monitors: HashMap<ClusterId, MonitorHandle>,
     monitor_owners: HashMap<ActorId, ClusterId>,
     restarts: HashMap<ClusterId, RestartBackoff>,
     next_generation: u64,
+    /// Clusters whose record or history changed since the last flush.
     dirty: HashSet<ClusterId>,
-    /// Of the dirty clusters, those with a new status transition.
-    history_dirty: HashSet<ClusterId>,
     events: EventHub,
     /// What GET answers, rendered ahead of time.
     views: ReadModel,
     /// Clusters last rendered as stale.
     stale_shown: HashSet<ClusterId>,
-    /// The newest failed write, until a write succeeds; reported by `/health` and withheld
-    /// watchdog pings, so a broken disk does not go unnoticed.
-    store_error: Option<String>,
 }
 
 impl RegistryState {
@@ -188,6 +190,10 @@ impl RegistryState {
     fn name_taken(&self, name: &ClusterName) -> bool {
         self.clusters.values().any(|c| &c.record.name == name)
             || self.pending.values().any(|p| &p.name == name)
+            || self
+                .storing
+                .values()
+                .any(|s| &s.cluster.record.name == name)
     }
 }
 
@@ -202,22 +208,22 @@ impl Actor for RegistryActor {
         args: RegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(RegistryState {
-            store: args.store,
+            writer: Writer::spawn(args.store),
             vault: args.vault,
             settings: args.settings,
             trust: args.trust,
             clusters: args.clusters.into_iter().map(|c| (c.id(), c)).collect(),
             pending: HashMap::new(),
+            storing: HashMap::new(),
+            deleting: HashMap::new(),
             monitors: HashMap::new(),
             monitor_owners: HashMap::new(),
             restarts: HashMap::new(),
             next_generation: 0,
             dirty: HashSet::new(),
-            history_dirty: HashSet::new(),
             events: EventHub::new(),
             views: ReadModel::new(),
             stale_shown: HashSet::new(),
-            store_error: None,
         })
     }
 
@@ -229,6 +235,14 @@ impl Actor for RegistryActor {
         let ids: Vec<ClusterId> = state.clusters.keys().copied().collect();
         for id in &ids {
             render(state, *id, true);
+            // The restart is a transition of its own, still to be stored.
+            if state
+                .clusters
+                .get(id)
+                .is_some_and(Cluster::has_unstored_history)
+            {
+                state.dirty.insert(*id);
+            }
         }
         for id in ids {
             spawn_monitor(&myself, state, id, None).await;
@@ -246,7 +260,7 @@ impl Actor for RegistryActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RegistryMsg::Register(id, request, reply) => {
-                on_register(&myself, state, id, request, reply)
+                registration::on_register(&myself, state, id, request, reply)
             }
             RegistryMsg::CancelRegistration(id) => {
                 if let Some(pending) = state.pending.remove(&id) {
@@ -255,7 +269,7 @@ impl Actor for RegistryActor {
                 }
             }
             RegistryMsg::ProbeFinished(id, result) => {
-                on_probe_finished(&myself, state, id, result).await;
+                registration::on_probe_finished(&myself, state, id, result);
             }
             RegistryMsg::ReadList(reply) => {
                 let _ = reply.send(state.views.list());
@@ -270,12 +284,9 @@ impl Actor for RegistryActor {
                 let stale_after = state.stale_after();
                 let _ = reply.send(state.clusters.get(&id).map(|c| c.view(stale_after)));
             }
-            RegistryMsg::Delete(id, reply) => {
-                let result = on_delete(state, id).await;
-                let _ = reply.send(result);
-            }
+            RegistryMsg::Delete(id, reply) => on_delete(&myself, state, id, reply),
             RegistryMsg::Ping(reply) => {
-                let health = match &state.store_error {
+                let health = match state.writer.failure() {
                     None => Ok(state.clusters.len()),
                     Some(error) => Err(format!("database writes are failing: {error}")),
                 };
@@ -301,18 +312,24 @@ impl Actor for RegistryActor {
                 generation,
                 outcome,
                 members,
-            } => on_check_completed(state, cluster, generation, Some(outcome), members),
+            } => {
+                supervision::on_check_completed(state, cluster, generation, Some(outcome), members)
+            }
             RegistryMsg::MembersChanged {
                 cluster,
                 generation,
                 members,
-            } => on_check_completed(state, cluster, generation, None, members),
+            } => supervision::on_check_completed(state, cluster, generation, None, members),
             RegistryMsg::RestartMonitor(id) => {
                 if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
                     spawn_monitor(&myself, state, id, None).await;
                 }
             }
-            RegistryMsg::Flush => flush(state).await,
+            RegistryMsg::Flush => flush(state),
+            RegistryMsg::RegistrationStored(registration, result) => {
+                registration::on_registration_stored(&myself, state, registration, result).await;
+            }
+            RegistryMsg::DeletionStored(id, result) => on_deletion_stored(state, id, result),
             RegistryMsg::SweepStale => sweep_stale(state),
             #[cfg(test)]
             RegistryMsg::MonitorOf(id, reply) => {
@@ -330,49 +347,7 @@ impl Actor for RegistryActor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match event {
-            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "stopped".to_owned()))
-            }
-            _ => return Ok(()),
-        };
-        // Monitors we killed ourselves (deleted clusters) were forgotten already.
-        let Some(id) = state.monitor_owners.remove(&cell.get_id()) else {
-            return Ok(());
-        };
-        state.monitors.remove(&id);
-        if !state.clusters.contains_key(&id) {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let backoff = match state.restarts.get(&id) {
-            Some(b) if now.duration_since(b.last_restart) < HEALTHY_PERIOD + b.delay => {
-                RestartBackoff {
-                    delay: (b.delay * 2).min(MAX_RESTART_DELAY),
-                    last_restart: now,
-                }
-            }
-            _ => RestartBackoff {
-                delay: FIRST_RESTART_DELAY,
-                last_restart: now,
-            },
-        };
-        state.restarts.insert(id, backoff);
-        metrics::counter!("proxmoxer_monitor_restarts_total").increment(1);
-        let name = state
-            .clusters
-            .get(&id)
-            .map(|c| c.record.name.to_string())
-            .unwrap_or_default();
-        tracing::warn!(
-            cluster = %name,
-            cluster_id = %id,
-            reason = %why,
-            restart_in = %humantime::format_duration(backoff.delay),
-            "monitor failed; restarting it"
-        );
-        myself.send_after(backoff.delay, move || RegistryMsg::RestartMonitor(id));
+        supervision::on_monitor_ended(&myself, state, event);
         Ok(())
     }
 
@@ -388,135 +363,50 @@ impl Actor for RegistryActor {
             monitor.actor.kill();
         }
         state.monitor_owners.clear();
-        flush(state).await;
+        flush(state);
+        state.writer.sync().await;
         Ok(())
     }
 }
 
-fn on_register(
+/// Hands the deletion to the writer; the cluster goes only once that is durable.
+fn on_delete(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
-    id: RegistrationId,
-    request: NewCluster,
-    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+    id: ClusterId,
+    reply: RpcReplyPort<Result<(), RegistryError>>,
 ) {
-    if state.name_taken(&request.name) {
-        let _ = reply.send(Err(RegistryError::Conflict));
-        return;
-    }
-    let client = match ProxmoxClient::new(
-        request.endpoint.clone(),
-        state.settings.monitor.proxmox_timeout,
-        &state.trust,
-        request.fingerprint,
-    ) {
-        Ok(client) => client,
-        Err(e) => {
-            let _ = reply.send(Err(e.into()));
-            return;
-        }
-    };
-    let credentials = request.credentials.clone();
-    let registry = myself.clone();
-    // The same budget as a monitor's check, so the caller's wait (a little longer) never
-    // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
-    let deadline = state.settings.monitor.check_deadline();
-    let discover = state.settings.monitor.members.discovery;
-    let probe = tokio::spawn(async move {
-        let result = tokio::time::timeout(deadline, client.probe(&credentials, discover))
-            .await
-            .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
-        let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
-    });
-    state.pending.insert(
-        id,
-        PendingRegistration {
-            name: request.name.clone(),
-            request,
-            reply,
-            probe,
-        },
-    );
-}
-
-async fn on_probe_finished(
-    myself: &ActorRef<RegistryMsg>,
-    state: &mut RegistryState,
-    id: RegistrationId,
-    result: Result<ProbeReport, ProxmoxError>,
-) {
-    let Some(pending) = state.pending.remove(&id) else {
-        return;
-    };
-    if pending.reply.is_closed() {
-        return;
-    }
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => {
-            tracing::info!(cluster = %pending.name, endpoint = %pending.request.endpoint, error = %e, "registration refused by the Proxmox probe");
-            let _ = pending.reply.send(Err(e.into()));
-            return;
-        }
-    };
-    let result = commit_registration(myself, state, pending.request, report).await;
-    let _ = pending.reply.send(result);
-}
-
-async fn commit_registration(
-    myself: &ActorRef<RegistryMsg>,
-    state: &mut RegistryState,
-    request: NewCluster,
-    report: ProbeReport,
-) -> Result<ClusterView, RegistryError> {
-    let id = ClusterId::now_v7();
-    let now = Utc::now();
-    let credential = state
-        .vault
-        .seal(request.credentials.secret(), id.as_bytes())?;
-    let (status, status_reason) = crate::cluster::assess(&report.status.health);
-    let members = registration_members(state, &request, &report);
-    let active_endpoint = Some(request.endpoint.clone());
-    let record = ClusterRecord {
-        format: ClusterRecord::FORMAT,
-        id,
-        name: request.name,
-        api_endpoint: request.endpoint,
-        username: request.credentials.username().clone(),
-        auth_method: request.credentials.method(),
-        token_id: request.credentials.token_id().cloned(),
-        credential,
-        fingerprint: request.fingerprint,
-        proxmox_version: report.version,
-        node_count: report.status.health.node_count,
-        nodes_online: report.status.health.nodes_online,
-        quorate: report.status.health.quorate,
-        status,
-        status_reason,
-        last_error: None,
-        last_checked_at: Some(now),
-        created_at: now,
-        updated_at: now,
-        members,
-        active_endpoint,
-    };
-    let cluster = Cluster::registered(record, request.credentials);
-    let to_write = [(cluster.record.clone(), Some(cluster.history()))];
-    write(state, move |store| store.put(&to_write)).await?;
-    let view = cluster.view(state.stale_after());
-    tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
-    state.clusters.insert(id, cluster);
-    render(state, id, true);
-    publish(state, EventKind::Registered, &view);
-    spawn_monitor(myself, state, id, Some(report.session)).await;
-    Ok(view)
-}
-
-async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), RegistryError> {
     if !state.clusters.contains_key(&id) {
-        return Err(RegistryError::NotFound);
+        let _ = reply.send(Err(RegistryError::NotFound));
+        return;
     }
-    write(state, move |store| store.delete(id)).await?;
+    if let Some(waiting) = state.deleting.get_mut(&id) {
+        waiting.push(reply);
+        return;
+    }
+    state.deleting.insert(id, vec![reply]);
+    let stored = state.writer.write_durably(WriteBatch {
+        deletes: vec![id],
+        ..WriteBatch::default()
+    });
+    let registry = myself.clone();
+    tokio::spawn(async move {
+        let result = stored.await;
+        let _ = registry.cast(RegistryMsg::DeletionStored(id, result));
+    });
+}
+
+fn on_deletion_stored(state: &mut RegistryState, id: ClusterId, result: Result<(), StoreError>) {
+    let waiting = state.deleting.remove(&id).unwrap_or_default();
+    if let Err(e) = result {
+        tracing::error!(cluster_id = %id, error = %e, "cannot store a deletion");
+        for reply in waiting {
+            let _ = reply.send(Err(RegistryError::Store(StoreError::Database(
+                e.to_string(),
+            ))));
+        }
+        return;
+    }
     // Forget the monitor before killing it, so its termination is not taken for a failure.
     if let Some(monitor) = state.monitors.remove(&id) {
         state.monitor_owners.remove(&monitor.actor.get_id());
@@ -524,7 +414,6 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     }
     state.restarts.remove(&id);
     state.dirty.remove(&id);
-    state.history_dirty.remove(&id);
     state.views.remove(id);
     state.stale_shown.remove(&id);
     if let Some(cluster) = state.clusters.remove(&id) {
@@ -533,49 +422,9 @@ async fn on_delete(state: &mut RegistryState, id: ClusterId) -> Result<(), Regis
     state
         .events
         .publish(EventKind::Deregistered, serde_json::json!({ "id": id }));
-    Ok(())
-}
-
-fn on_check_completed(
-    state: &mut RegistryState,
-    id: ClusterId,
-    generation: u64,
-    outcome: Option<CheckOutcome>,
-    members: MemberReport,
-) {
-    // A report from a monitor that has since been replaced or deleted is stale.
-    if state.monitors.get(&id).map(|m| m.generation) != Some(generation) {
-        return;
+    for reply in waiting {
+        let _ = reply.send(Ok(()));
     }
-    let threshold = state.settings.failure_threshold;
-    let stale_after = state.stale_after();
-    let Some(cluster) = state.clusters.get_mut(&id) else {
-        return;
-    };
-    let now = Utc::now();
-    let mut effect = crate::cluster::CheckEffect::default();
-    if let Some(outcome) = outcome {
-        if let CheckOutcome::Failed(error) = &outcome {
-            metrics::counter!("proxmoxer_check_failures_total", "reason" => error.status_reason().to_string())
-                .increment(1);
-        }
-        effect = cluster.apply_check(outcome, threshold, now);
-        if let Some((old, new)) = effect.status_change {
-            log_status_change(cluster, old, new);
-        }
-    }
-    let members_effect = cluster.apply_members(members, now);
-    let history_changed = effect.history_changed || members_effect.history_changed;
-    if history_changed {
-        state.history_dirty.insert(id);
-    }
-    if effect.changed || members_effect.changed {
-        let view = cluster.view(stale_after);
-        state.dirty.insert(id);
-        publish(state, EventKind::Updated, &view);
-    }
-    // `last_checked_at` moved at least, so the body is re-rendered (its tag only if more did).
-    render(state, id, history_changed);
 }
 
 /// Re-renders one cluster's representation, and its history when that changed.
@@ -611,40 +460,6 @@ fn sweep_stale(state: &mut RegistryState) {
     }
 }
 
-/// The members a registration starts with: the discovered ones under the registration's
-/// trust, or what `/cluster/status` lists when discovery is off.
-fn registration_members(
-    state: &RegistryState,
-    request: &NewCluster,
-    report: &ProbeReport,
-) -> Vec<Member> {
-    let local = report
-        .status
-        .local_node()
-        .map(|n| n.name.clone())
-        .unwrap_or_default();
-    let start = vec![Member::registered(&local, &request.endpoint)];
-    let policy = &state.settings.monitor.members;
-    let trust = ChannelTrust::of(
-        &request.endpoint,
-        request.fingerprint,
-        state.trust.insecure_skip_verify(),
-    );
-    let mut list = match &report.discovery {
-        Some(discovery) => members::merge(&start, discovery, &request.endpoint, trust),
-        None => members::from_status(&start, &report.status, &request.endpoint),
-    };
-    members::apply_online(&mut list, &report.status);
-    for member in &mut list {
-        if member.registered {
-            member.reachable = Some(true);
-        }
-    }
-    members::note_refusals(&mut list, policy, trust);
-    list.retain(|m| !m.name.is_empty());
-    list
-}
-
 fn publish(state: &mut RegistryState, kind: EventKind, view: &ClusterView) {
     match serde_json::to_value(view) {
         Ok(data) => state.events.publish(kind, data),
@@ -652,101 +467,34 @@ fn publish(state: &mut RegistryState, kind: EventKind, view: &ClusterView) {
     }
 }
 
-fn log_status_change(cluster: &Cluster, old: ClusterStatus, new: ClusterStatus) {
-    let record = &cluster.record;
-    let reason: StatusReason = record.status_reason;
-    tracing::info!(
-        cluster = %record.name,
-        cluster_id = %record.id,
-        %reason,
-        error = record.last_error.as_deref().unwrap_or(""),
-        "cluster status {old} -> {new}"
-    );
-}
-
-/// Writes every changed cluster in one durable transaction, so a burst of status changes
-/// costs one fsync, not one per cluster.
-async fn flush(state: &mut RegistryState) {
+/// Hands every changed cluster to the writer as one batch, so a burst of status changes
+/// costs one commit, not one per cluster. A cluster being deleted is left out: writing it
+/// after its deletion would bring it back.
+fn flush(state: &mut RegistryState) {
     if state.dirty.is_empty() {
         return;
     }
-    let records: Vec<(ClusterRecord, Option<Vec<Transition>>)> = state
-        .dirty
-        .iter()
-        .filter_map(|id| state.clusters.get(id))
-        .map(|c| {
-            let history = state.history_dirty.contains(&c.id()).then(|| c.history());
-            (c.record.clone(), history)
-        })
-        .collect();
-    match write(state, move |store| store.put(&records)).await {
-        Ok(()) => {
-            state.dirty.clear();
-            state.history_dirty.clear();
+    let mut batch = WriteBatch::default();
+    for id in std::mem::take(&mut state.dirty) {
+        if state.deleting.contains_key(&id) {
+            continue;
         }
-        Err(e) => tracing::error!(error = %e, "cannot persist monitor results; will retry"),
-    }
-}
-
-/// Runs a store write on a blocking thread (redb fsyncs) and records whether the database
-/// still takes writes.
-async fn write<T: Send + 'static>(
-    state: &mut RegistryState,
-    operation: impl FnOnce(Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, RegistryError> {
-    let store = state.store.clone();
-    let result = match tokio::task::spawn_blocking(move || operation(store)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(RegistryError::Store(e)),
-        Err(e) => Err(RegistryError::Task(e.to_string())),
-    };
-    state.store_error = result.as_ref().err().map(ToString::to_string);
-    result
-}
-
-async fn spawn_monitor(
-    myself: &ActorRef<RegistryMsg>,
-    state: &mut RegistryState,
-    id: ClusterId,
-    session: Option<Session>,
-) {
-    let Some(cluster) = state.clusters.get(&id) else {
-        return;
-    };
-    state.next_generation += 1;
-    let generation = state.next_generation;
-    let args = MonitorArgs {
-        cluster_id: id,
-        generation,
-        endpoint: cluster.record.api_endpoint.clone(),
-        fingerprint: cluster.record.fingerprint,
-        trust: state.trust.clone(),
-        credentials: cluster.credentials.clone(),
-        members: cluster.record.members.clone(),
-        session,
-        settings: state.settings.monitor.clone(),
-        registry: myself.clone(),
-    };
-    match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
-        Ok((actor, _)) => {
-            state.monitor_owners.insert(actor.get_id(), id);
-            state
-                .monitors
-                .insert(id, MonitorHandle { actor, generation });
-        }
-        Err(e) => {
-            // Never `?` here: an error out of a handler would stop the registry.
-            tracing::error!(cluster_id = %id, error = %e, "cannot start monitor; retrying");
-            myself.send_after(MAX_RESTART_DELAY, move || RegistryMsg::RestartMonitor(id));
+        if let Some(cluster) = state.clusters.get_mut(&id) {
+            batch.merge(writer::batch_of(cluster));
         }
     }
+    state.writer.write_in_background(batch);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ClusterRecord;
+    use crate::domain::ClusterStatus;
     use crate::domain::{ProxmoxUser, Secret};
+    use chrono::Utc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
 
     /// A "Proxmox" that accepts connections and hangs up: every check fails, but each one
     /// shows up as a connection.

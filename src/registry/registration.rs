@@ -1,0 +1,226 @@
+//! Registration: reserve the name, probe Proxmox outside the actor, store durably through
+//! the writer, then go live.
+
+use chrono::Utc;
+use ractor::{ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+
+use super::supervision::spawn_monitor;
+use super::{
+    NewCluster, RegistrationId, RegistryError, RegistryMsg, RegistryState, publish, render, writer,
+};
+use crate::cluster::{Cluster, ClusterRecord, ClusterView};
+use crate::domain::{ClusterId, ClusterName};
+use crate::events::EventKind;
+use crate::proxmox::members::{self, ChannelTrust, Member};
+use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
+use crate::store::StoreError;
+
+/// A registration whose probe is running.
+pub(super) struct PendingRegistration {
+    pub(super) name: ClusterName,
+    request: NewCluster,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+    pub(super) probe: JoinHandle<()>,
+}
+
+/// A registration the writer is storing; the name stays taken meanwhile.
+pub(super) struct StoringRegistration {
+    pub(super) cluster: Cluster,
+    session: Session,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+}
+
+pub(super) fn on_register(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: RegistrationId,
+    request: NewCluster,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+) {
+    if state.name_taken(&request.name) {
+        let _ = reply.send(Err(RegistryError::Conflict));
+        return;
+    }
+    let client = match ProxmoxClient::new(
+        request.endpoint.clone(),
+        state.settings.monitor.proxmox_timeout,
+        &state.trust,
+        request.fingerprint,
+    ) {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+    };
+    let credentials = request.credentials.clone();
+    let registry = myself.clone();
+    // The same budget as a monitor's check, so the caller's wait (a little longer) never
+    // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
+    let deadline = state.settings.monitor.check_deadline();
+    let discover = state.settings.monitor.members.discovery;
+    let probe = tokio::spawn(async move {
+        let result = tokio::time::timeout(deadline, client.probe(&credentials, discover))
+            .await
+            .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
+        let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
+    });
+    state.pending.insert(
+        id,
+        PendingRegistration {
+            name: request.name.clone(),
+            request,
+            reply,
+            probe,
+        },
+    );
+}
+
+pub(super) fn on_probe_finished(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: RegistrationId,
+    result: Result<ProbeReport, ProxmoxError>,
+) {
+    let Some(pending) = state.pending.remove(&id) else {
+        return;
+    };
+    if pending.reply.is_closed() {
+        return;
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::info!(cluster = %pending.name, endpoint = %pending.request.endpoint, error = %e, "registration refused by the Proxmox probe");
+            let _ = pending.reply.send(Err(e.into()));
+            return;
+        }
+    };
+    store_registration(myself, state, id, pending, report);
+}
+
+/// Builds the cluster and hands it to the writer; it becomes visible, and the client hears
+/// 201, only once it is durable. The name stays reserved meanwhile.
+fn store_registration(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    registration: RegistrationId,
+    pending: PendingRegistration,
+    report: ProbeReport,
+) {
+    let request = pending.request;
+    let id = ClusterId::now_v7();
+    let now = Utc::now();
+    let credential = match state
+        .vault
+        .seal(request.credentials.secret(), id.as_bytes())
+    {
+        Ok(credential) => credential,
+        Err(e) => {
+            let _ = pending.reply.send(Err(e.into()));
+            return;
+        }
+    };
+    let (status, status_reason) = crate::cluster::assess(&report.status.health);
+    let members = registration_members(state, &request, &report);
+    let record = ClusterRecord {
+        format: ClusterRecord::FORMAT,
+        id,
+        name: request.name,
+        api_endpoint: request.endpoint.clone(),
+        username: request.credentials.username().clone(),
+        auth_method: request.credentials.method(),
+        token_id: request.credentials.token_id().cloned(),
+        credential,
+        fingerprint: request.fingerprint,
+        proxmox_version: report.version,
+        node_count: report.status.health.node_count,
+        nodes_online: report.status.health.nodes_online,
+        quorate: report.status.health.quorate,
+        status,
+        status_reason,
+        last_error: None,
+        last_checked_at: Some(now),
+        created_at: now,
+        updated_at: now,
+        members,
+        active_endpoint: Some(request.endpoint),
+    };
+    let mut cluster = Cluster::registered(record, request.credentials);
+    let batch = writer::batch_of(&mut cluster);
+    let stored = state.writer.write_durably(batch);
+    let registry = myself.clone();
+    tokio::spawn(async move {
+        let result = stored.await;
+        let _ = registry.cast(RegistryMsg::RegistrationStored(registration, result));
+    });
+    state.storing.insert(
+        registration,
+        StoringRegistration {
+            cluster,
+            session: report.session,
+            reply: pending.reply,
+        },
+    );
+}
+
+/// The writer is done with a registration: on success the cluster goes live.
+pub(super) async fn on_registration_stored(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    registration: RegistrationId,
+    result: Result<(), StoreError>,
+) {
+    let Some(storing) = state.storing.remove(&registration) else {
+        return;
+    };
+    if let Err(e) = result {
+        tracing::error!(cluster = %storing.cluster.record.name, error = %e, "cannot store a registration");
+        let _ = storing.reply.send(Err(e.into()));
+        return;
+    }
+    let cluster = storing.cluster;
+    let id = cluster.id();
+    let view = cluster.view(state.stale_after());
+    tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
+    state.clusters.insert(id, cluster);
+    render(state, id, true);
+    publish(state, EventKind::Registered, &view);
+    spawn_monitor(myself, state, id, Some(storing.session)).await;
+    let _ = storing.reply.send(Ok(view));
+}
+
+/// The members a registration starts with: the discovered ones under the registration's
+/// trust, or what `/cluster/status` lists when discovery is off.
+fn registration_members(
+    state: &RegistryState,
+    request: &NewCluster,
+    report: &ProbeReport,
+) -> Vec<Member> {
+    let local = report
+        .status
+        .local_node()
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let start = vec![Member::registered(&local, &request.endpoint)];
+    let policy = &state.settings.monitor.members;
+    let trust = ChannelTrust::of(
+        &request.endpoint,
+        request.fingerprint,
+        state.trust.insecure_skip_verify(),
+    );
+    let mut list = match &report.discovery {
+        Some(discovery) => members::merge(&start, discovery, &request.endpoint, trust),
+        None => members::from_status(&start, &report.status, &request.endpoint),
+    };
+    members::apply_online(&mut list, &report.status);
+    for member in &mut list {
+        if member.registered {
+            member.reachable = Some(true);
+        }
+    }
+    members::note_refusals(&mut list, policy, trust);
+    list.retain(|m| !m.name.is_empty());
+    list
+}

@@ -1,0 +1,171 @@
+//! Monitor lifecycle: spawning, restarting with back-off, and taking their reports.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use ractor::{Actor, ActorRef, SupervisionEvent};
+
+use super::{
+    FIRST_RESTART_DELAY, HEALTHY_PERIOD, MAX_RESTART_DELAY, RegistryMsg, RegistryState, publish,
+    render,
+};
+use crate::cluster::{CheckOutcome, Cluster};
+use crate::domain::{ClusterId, ClusterStatus, StatusReason};
+use crate::events::EventKind;
+use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg};
+use crate::proxmox::Session;
+use crate::proxmox::members::MemberReport;
+
+pub(super) struct MonitorHandle {
+    pub(super) actor: ActorRef<MonitorMsg>,
+    pub(super) generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RestartBackoff {
+    delay: Duration,
+    last_restart: Instant,
+}
+
+/// A monitor ended: unless its cluster is gone, restart it after a back-off.
+pub(super) fn on_monitor_ended(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    event: SupervisionEvent,
+) {
+    let (cell, why) = match event {
+        SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => {
+            (cell, reason.unwrap_or_else(|| "stopped".to_owned()))
+        }
+        _ => return,
+    };
+    // Monitors we killed ourselves (deleted clusters) were forgotten already.
+    let Some(id) = state.monitor_owners.remove(&cell.get_id()) else {
+        return;
+    };
+    state.monitors.remove(&id);
+    if !state.clusters.contains_key(&id) {
+        return;
+    }
+    let now = Instant::now();
+    let backoff = match state.restarts.get(&id) {
+        Some(b) if now.duration_since(b.last_restart) < HEALTHY_PERIOD + b.delay => {
+            RestartBackoff {
+                delay: (b.delay * 2).min(MAX_RESTART_DELAY),
+                last_restart: now,
+            }
+        }
+        _ => RestartBackoff {
+            delay: FIRST_RESTART_DELAY,
+            last_restart: now,
+        },
+    };
+    state.restarts.insert(id, backoff);
+    metrics::counter!("proxmoxer_monitor_restarts_total").increment(1);
+    let name = state
+        .clusters
+        .get(&id)
+        .map(|c| c.record.name.to_string())
+        .unwrap_or_default();
+    tracing::warn!(
+        cluster = %name,
+        cluster_id = %id,
+        reason = %why,
+        restart_in = %humantime::format_duration(backoff.delay),
+        "monitor failed; restarting it"
+    );
+    myself.send_after(backoff.delay, move || RegistryMsg::RestartMonitor(id));
+}
+
+pub(super) fn on_check_completed(
+    state: &mut RegistryState,
+    id: ClusterId,
+    generation: u64,
+    outcome: Option<CheckOutcome>,
+    members: MemberReport,
+) {
+    // A report from a monitor that has since been replaced or deleted is stale.
+    if state.monitors.get(&id).map(|m| m.generation) != Some(generation) {
+        return;
+    }
+    let threshold = state.settings.failure_threshold;
+    let stale_after = state.stale_after();
+    let Some(cluster) = state.clusters.get_mut(&id) else {
+        return;
+    };
+    let now = Utc::now();
+    let mut effect = crate::cluster::CheckEffect::default();
+    if let Some(outcome) = outcome {
+        if let CheckOutcome::Failed(error) = &outcome {
+            metrics::counter!("proxmoxer_check_failures_total", "reason" => error.status_reason().to_string())
+                .increment(1);
+        }
+        effect = cluster.apply_check(outcome, threshold, now);
+        if let Some((old, new)) = effect.status_change {
+            log_status_change(cluster, old, new);
+        }
+    }
+    let members_effect = cluster.apply_members(members, now);
+    let history_changed = effect.history_changed || members_effect.history_changed;
+    if history_changed {
+        state.dirty.insert(id);
+    }
+    if effect.changed || members_effect.changed {
+        let view = cluster.view(stale_after);
+        state.dirty.insert(id);
+        publish(state, EventKind::Updated, &view);
+    }
+    // `last_checked_at` moved at least, so the body is re-rendered (its tag only if more did).
+    render(state, id, history_changed);
+}
+
+fn log_status_change(cluster: &Cluster, old: ClusterStatus, new: ClusterStatus) {
+    let record = &cluster.record;
+    let reason: StatusReason = record.status_reason;
+    tracing::info!(
+        cluster = %record.name,
+        cluster_id = %record.id,
+        %reason,
+        error = record.last_error.as_deref().unwrap_or(""),
+        "cluster status {old} -> {new}"
+    );
+}
+
+pub(super) async fn spawn_monitor(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: ClusterId,
+    session: Option<Session>,
+) {
+    let Some(cluster) = state.clusters.get(&id) else {
+        return;
+    };
+    state.next_generation += 1;
+    let generation = state.next_generation;
+    let args = MonitorArgs {
+        cluster_id: id,
+        generation,
+        endpoint: cluster.record.api_endpoint.clone(),
+        fingerprint: cluster.record.fingerprint,
+        trust: state.trust.clone(),
+        credentials: cluster.credentials.clone(),
+        members: cluster.record.members.clone(),
+        session,
+        settings: state.settings.monitor.clone(),
+        registry: myself.clone(),
+    };
+    match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
+        Ok((actor, _)) => {
+            state.monitor_owners.insert(actor.get_id(), id);
+            state
+                .monitors
+                .insert(id, MonitorHandle { actor, generation });
+        }
+        Err(e) => {
+            // Never `?` here: an error out of a handler would stop the registry.
+            tracing::error!(cluster_id = %id, error = %e, "cannot start monitor; retrying");
+            myself.send_after(MAX_RESTART_DELAY, move || RegistryMsg::RestartMonitor(id));
+        }
+    }
+}
