@@ -332,7 +332,7 @@ impl Cluster {
         let old = &self.record.members;
         let mut events: Vec<(StatusReason, String)> = Vec::new();
         // A cluster from before members were tracked has nothing to compare with.
-        if !old.is_empty() {
+        if !old.is_empty() && !report.baseline {
             for member in &report.members {
                 match old.iter().find(|m| m.name == member.name) {
                     None => events.push((StatusReason::MemberJoined, member.name.clone())),
@@ -650,6 +650,7 @@ mod tests {
             members,
             active: Some(Endpoint::parse(active).expect("endpoint")),
             pin: None,
+            baseline: false,
         };
         let first = cluster.apply_members(
             report(vec![pve1.clone(), pve2.clone()], "https://127.0.0.2:8006"),

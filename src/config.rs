@@ -17,6 +17,7 @@ pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 pub const DEFAULT_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Clusters are watched through all their members unless this is turned off.
 pub const DEFAULT_MEMBER_DISCOVERY: bool = true;
 
 /// A configuration problem, naming the offending key.

@@ -125,6 +125,8 @@ pub async fn run(
         },
         failure_threshold: config.failure_threshold,
     };
+    let registration_timeout =
+        settings.monitor.registration_deadline() + std::time::Duration::from_secs(5);
     let (registry, registry_task) = Actor::spawn(
         None,
         RegistryActor,
@@ -156,7 +158,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(api::AppState {
         registry: registry.clone(),
-        registration_timeout: config.proxmox_timeout * 3 + std::time::Duration::from_secs(5),
+        registration_timeout,
         shutdown: stop_rx.clone(),
         metrics: metrics::Metrics::install(),
     });

@@ -57,6 +57,18 @@ impl MonitorSettings {
         self.proxmox_timeout * CALLS_PER_CHECK
     }
 
+    /// The longest a registration's probe may take: a check's calls plus join information
+    /// and, when that fails, `/nodes`.
+    pub fn registration_deadline(&self) -> Duration {
+        self.proxmox_timeout * (CALLS_PER_CHECK + 2)
+    }
+
+    /// How long a monitor may go without reporting before its cluster shows stale: a whole
+    /// check plus the member maintenance after it (itself bounded by one check deadline).
+    pub fn longest_silence(&self) -> Duration {
+        self.check_deadline() * 2
+    }
+
     fn probe_period(&self) -> Duration {
         (self.interval * PROBE_INTERVALS).min(MAX_PROBE_PERIOD)
     }
@@ -81,6 +93,8 @@ pub struct MonitorArgs {
     pub credentials: Credentials,
     /// The known members with their pins.
     pub members: Vec<Member>,
+    /// The endpoint that answered last: the first check asks it first.
+    pub active_endpoint: Option<Endpoint>,
     /// The session from the registration probe, so a new cluster costs one login, not two;
     /// its presence also means the members were discovered just now.
     pub session: Option<Session>,
@@ -114,6 +128,8 @@ pub struct MonitorState {
     version_read_at: Option<Instant>,
     login_backoff: Option<LoginBackoff>,
     next_check: Instant,
+    /// A non-quorate answer the running check holds while it asks the other members.
+    minority_view: Option<(String, StatusReport, Option<String>)>,
 }
 
 /// The members, how to reach each and what the monitor last saw of them.
@@ -128,6 +144,8 @@ struct Roster {
     members: Vec<Member>,
     /// The member that answered last: the next check asks it first.
     preferred: Option<String>,
+    /// Until the first discovery of a cluster stored before members were tracked.
+    baseline: bool,
     /// The endpoint that answered the newest check.
     active: Option<Endpoint>,
     clients: HashMap<String, (Endpoint, Option<Fingerprint>, ProxmoxClient)>,
@@ -167,6 +185,13 @@ impl Actor for MonitorActor {
             args.trust.insecure_skip_verify(),
         );
         let mut members = args.members;
+        let preferred = members
+            .iter()
+            .find(|m| m.endpoint.is_some() && m.endpoint == args.active_endpoint)
+            .map(|m| m.name.clone());
+        // A cluster stored before members were tracked: its first discovery is a baseline,
+        // not a wave of joins.
+        let baseline = members.is_empty();
         if !members.iter().any(|m| m.registered) {
             // A cluster from before members were tracked: its registered node is named once
             // it answers.
@@ -180,7 +205,8 @@ impl Actor for MonitorActor {
             timeout: args.settings.proxmox_timeout,
             policy: args.settings.members.clone(),
             members,
-            preferred: None,
+            preferred,
+            baseline,
             active: None,
             clients: HashMap::new(),
             last_attempt: HashMap::new(),
@@ -203,6 +229,7 @@ impl Actor for MonitorActor {
             roster,
             login_backoff: None,
             next_check: Instant::now(),
+            minority_view: None,
         })
     }
 
@@ -227,9 +254,14 @@ impl Actor for MonitorActor {
             MonitorMsg::Check => {
                 let started = Instant::now();
                 let deadline = state.settings.check_deadline();
-                let outcome = tokio::time::timeout(deadline, state.check())
-                    .await
-                    .unwrap_or(CheckOutcome::Failed(ProxmoxError::Timeout(deadline)));
+                let outcome = match tokio::time::timeout(deadline, state.check()).await {
+                    Ok(outcome) => outcome,
+                    // A minority view already in hand beats reporting a timeout.
+                    Err(_) => match state.minority_view.take() {
+                        Some((name, status, version)) => state.answered(&name, status, version),
+                        None => CheckOutcome::Failed(ProxmoxError::Timeout(deadline)),
+                    },
+                };
                 if matches!(outcome, CheckOutcome::Failed(_)) {
                     state.roster.active = None;
                 }
@@ -253,6 +285,10 @@ impl Actor for MonitorActor {
                         generation: state.generation,
                         members: after,
                     });
+                }
+                // The baseline discovery has been reported; later ones are real changes.
+                if state.roster.discovered_at.is_some() {
+                    state.roster.baseline = false;
                 }
                 let delay = state.schedule_next();
                 myself.send_after(delay, || MonitorMsg::Check);
@@ -408,6 +444,7 @@ impl Roster {
             members,
             active: self.active.clone(),
             pin: self.pin,
+            baseline: self.baseline,
         }
     }
 }
@@ -433,14 +470,22 @@ impl MonitorState {
     async fn check(&mut self) -> CheckOutcome {
         let candidates = self.roster.candidates();
         let mut first_failure = None;
-        let mut minority_view = None;
+        self.minority_view = None;
         for (index, name) in candidates.iter().enumerate() {
+            // With a minority view in hand, only members that answered lately are worth the
+            // wait: when quorum is lost, the others are the nodes that are down.
+            let known_down = self.roster.member(name).and_then(|m| m.reachable) == Some(false);
+            if self.minority_view.is_some() && known_down {
+                continue;
+            }
             match self.check_member(name).await {
                 Ok((status, version)) => {
                     self.roster.note_attempt(name, Ok(()));
                     let others_left = index + 1 < candidates.len();
                     if status.health.quorate == Some(false) && others_left {
-                        minority_view.get_or_insert((name.clone(), status, version));
+                        if self.minority_view.is_none() {
+                            self.minority_view = Some((name.clone(), status, version));
+                        }
                         continue;
                     }
                     return self.answered(name, status, version);
@@ -453,7 +498,7 @@ impl MonitorState {
                 Err(error) => return CheckOutcome::Failed(error),
             }
         }
-        if let Some((name, status, version)) = minority_view {
+        if let Some((name, status, version)) = self.minority_view.take() {
             return self.answered(&name, status, version);
         }
         CheckOutcome::Failed(first_failure.unwrap_or_else(|| {
@@ -524,13 +569,18 @@ impl MonitorState {
                 if ticket.age() < TICKET_RENEW_AFTER {
                     return Ok(Session::Ticket(ticket.clone()));
                 }
-                if ticket.age() < TICKET_LIFETIME
-                    && let Ok(renewed) = client.refresh(self.credentials.username(), ticket).await
-                {
-                    let renewed = Session::Ticket(renewed);
-                    self.session = Some(renewed.clone());
-                    self.version_due = true;
-                    return Ok(renewed);
+                if ticket.age() < TICKET_LIFETIME {
+                    match client.refresh(self.credentials.username(), ticket).await {
+                        Ok(renewed) => {
+                            let renewed = Session::Ticket(renewed);
+                            self.session = Some(renewed.clone());
+                            self.version_due = true;
+                            return Ok(renewed);
+                        }
+                        // This member is down, not the ticket: the next member renews it.
+                        Err(e) if member_failure(&e) => return Err(e),
+                        Err(_) => {}
+                    }
                 }
                 self.session = None;
             }
@@ -577,7 +627,6 @@ impl MonitorState {
         if !self.settings.members.discovery {
             return;
         }
-        self.probe_idle_members().await;
         self.settle_mismatches().await;
         let due = self.roster.rediscover
             || self
@@ -590,6 +639,7 @@ impl MonitorState {
         {
             tracing::info!(cluster_id = %self.cluster_id, member = %name, error = %e, "member discovery failed; will retry");
         }
+        self.probe_idle_members().await;
     }
 
     /// Reads the member list from `name` and folds it in.
@@ -617,6 +667,8 @@ impl MonitorState {
             &roster.registered,
             roster.channel,
         );
+        // Proxmox's view of who is online applies to new members right away.
+        members::apply_online(&mut roster.members, status);
         roster.discovered_at = Some(Instant::now());
         roster.rediscover = false;
         Ok(discovery)
@@ -642,11 +694,22 @@ impl MonitorState {
             })
             .map(|m| m.name.clone())
             .collect();
-        for name in idle {
-            let result = match self.roster.client(&name) {
-                Ok(client) => client.ping(&session).await,
-                Err(e) => Err(e),
-            };
+        // All at once: a member that drops packets costs one timeout, not one each.
+        let probes: Vec<_> = idle
+            .into_iter()
+            .map(|name| {
+                let client = self.roster.client(&name);
+                let session = session.clone();
+                async move {
+                    let result = match client {
+                        Ok(client) => client.ping(&session).await,
+                        Err(e) => Err(e),
+                    };
+                    (name, result)
+                }
+            })
+            .collect();
+        for (name, result) in futures_util::future::join_all(probes).await {
             match &result {
                 // Proxmox answered: the member is reachable, whatever it thought of us.
                 Err(e) if !member_failure(e) => self.roster.note_attempt(&name, Ok(())),
@@ -659,43 +722,50 @@ impl MonitorState {
     /// verified is asked for fresh join information: if it vouches for the presented
     /// certificate, that becomes the pin; if not, the member stays refused.
     async fn settle_mismatches(&mut self) {
-        let mismatches = std::mem::take(&mut self.roster.mismatches);
-        for (name, presented, pinned) in mismatches {
-            let recently = self
-                .roster
-                .last_mismatch_discovery
-                .is_some_and(|at| at.elapsed() < MISMATCH_DISCOVERY_SPACING);
-            if recently || self.roster.channel != ChannelTrust::Verified {
-                continue;
-            }
-            let voucher = self.roster.candidates().into_iter().find(|m| {
-                *m != name && self.roster.member(m).and_then(|m| m.reachable) == Some(true)
-            });
-            let Some(voucher) = voucher else {
-                if let Some(member) = self.roster.member_mut(&name) {
+        let mut mismatches = std::mem::take(&mut self.roster.mismatches);
+        // One member may have been met twice; its latest certificate counts.
+        mismatches.reverse();
+        mismatches.dedup_by(|a, b| a.0 == b.0);
+        let recently = self
+            .roster
+            .last_mismatch_discovery
+            .is_some_and(|at| at.elapsed() < MISMATCH_DISCOVERY_SPACING);
+        if mismatches.is_empty() || recently || self.roster.channel != ChannelTrust::Verified {
+            return;
+        }
+        let voucher = self.roster.candidates().into_iter().find(|m| {
+            !mismatches.iter().any(|(name, _, _)| name == m)
+                && self.roster.member(m).and_then(|m| m.reachable) == Some(true)
+        });
+        let Some(voucher) = voucher else {
+            for (name, presented, pinned) in &mismatches {
+                if let Some(member) = self.roster.member_mut(name) {
                     member.last_error = Some(format!(
                         "tls_mismatch: the certificate changed and no other member can vouch \
                          for it; it now presents SHA-256 fingerprint {presented}, but {pinned} \
                          is pinned"
                     ));
                 }
-                continue;
-            };
-            self.roster.last_mismatch_discovery = Some(Instant::now());
-            let status = match self.status_of(&voucher).await {
-                Ok(status) => status,
-                Err(e) => {
-                    tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot ask a member to vouch for a changed certificate");
-                    continue;
-                }
-            };
-            let vouched = match self.discover_through(&voucher, &status).await {
-                Ok(discovery) => discovery.fingerprint_of(&name) == Some(presented),
-                Err(e) => {
-                    tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot read join information to vouch for a changed certificate");
-                    continue;
-                }
-            };
+            }
+            return;
+        };
+        self.roster.last_mismatch_discovery = Some(Instant::now());
+        let status = match self.status_of(&voucher).await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot ask a member to vouch for a changed certificate");
+                return;
+            }
+        };
+        let discovery = match self.discover_through(&voucher, &status).await {
+            Ok(discovery) => discovery,
+            Err(e) => {
+                tracing::info!(cluster_id = %self.cluster_id, member = %voucher, error = %e, "cannot read join information to vouch for a changed certificate");
+                return;
+            }
+        };
+        for (name, presented, pinned) in mismatches {
+            let vouched = discovery.fingerprint_of(&name) == Some(presented);
             self.adopt_or_refuse(&name, &voucher, presented, pinned, vouched);
         }
     }

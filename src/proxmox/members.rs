@@ -270,6 +270,9 @@ pub struct MemberReport {
     pub active: Option<Endpoint>,
     /// The registered node's operator pin, which follows a vouched-for rotation.
     pub pin: Option<Fingerprint>,
+    /// The first discovery of a cluster stored before members were tracked: what it finds
+    /// is the starting point, not a wave of joins.
+    pub baseline: bool,
 }
 
 /// Folds a discovery into the known members: new ones join, known ones take the newest

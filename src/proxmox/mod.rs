@@ -194,7 +194,11 @@ impl ProxmoxClient {
         })?;
         let status = self.cluster_status(&session).await?;
         let discovery = if discover {
-            Some(match self.discover(&session, &status).await {
+            // A hung join-information call must not fail a registration whose checks passed.
+            let discovered = tokio::time::timeout(self.timeout, self.discover(&session, &status))
+                .await
+                .unwrap_or(Err(ProxmoxError::Timeout(self.timeout)));
+            Some(match discovered {
                 Ok(discovery) => discovery,
                 Err(e) => {
                     tracing::info!(endpoint = %self.endpoint, error = %e, "cannot discover members; listing those /cluster/status names");

@@ -184,7 +184,7 @@ impl RegistryState {
     /// A monitor waiting on a slow Proxmox is not stuck: the window allows for a whole check.
     fn stale_after(&self) -> Duration {
         self.settings.monitor.interval * STALE_AFTER_INTERVALS
-            + self.settings.monitor.check_deadline()
+            + self.settings.monitor.longest_silence()
     }
 
     fn name_taken(&self, name: &ClusterName) -> bool {

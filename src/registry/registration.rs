@@ -58,7 +58,7 @@ pub(super) fn on_register(
     let registry = myself.clone();
     // The same budget as a monitor's check, so the caller's wait (a little longer) never
     // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
-    let deadline = state.settings.monitor.check_deadline();
+    let deadline = state.settings.monitor.registration_deadline();
     let discover = state.settings.monitor.members.discovery;
     let probe = tokio::spawn(async move {
         let result = tokio::time::timeout(deadline, client.probe(&credentials, discover))

@@ -151,6 +151,7 @@ pub(super) async fn spawn_monitor(
         trust: state.trust.clone(),
         credentials: cluster.credentials.clone(),
         members: cluster.record.members.clone(),
+        active_endpoint: cluster.record.active_endpoint.clone(),
         session,
         settings: state.settings.monitor.clone(),
         registry: myself.clone(),

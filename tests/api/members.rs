@@ -222,6 +222,59 @@ async fn a_restarted_daemon_watches_through_a_persisted_member_while_the_registe
 }
 
 #[tokio::test]
+async fn pins_survive_a_restart_and_fail_over_while_the_registered_node_is_down() {
+    let fake = tls_cluster().await;
+    let mut app = fast_daemon().spawn().await;
+    let id = id_of(&register(&app, &pinned_body(&fake, "prod")).await);
+    wait_for_cluster(&app, &id, "every member probed", every_member_reachable).await;
+
+    fake.member("pve1").stop();
+    app.restart().await;
+
+    let cluster = wait_for_cluster(&app, &id, "degraded through a pinned member", |c| {
+        has_status(c, "degraded", "node_offline")
+    })
+    .await;
+    let active = cluster["active_endpoint"].as_str().unwrap_or_default();
+    assert!(
+        [fake.member("pve2").url(), fake.member("pve3").url()].contains(&active.to_owned()),
+        "{cluster:#}"
+    );
+    for name in ["pve2", "pve3"] {
+        assert_eq!(
+            member(&cluster, name)["fingerprint"],
+            fake.member(name).certificate_fingerprint()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_renewed_member_certificate_is_adopted_too() {
+    let fake = tls_cluster().await;
+    let app = fast_daemon().spawn().await;
+    let id = id_of(&register(&app, &pinned_body(&fake, "prod")).await);
+    wait_for_cluster(&app, &id, "every member probed", every_member_reachable).await;
+
+    fake.member("pve2").rotate_certificate();
+    let renewed = fake.member("pve2").certificate_fingerprint();
+
+    let cluster = wait_for_cluster(&app, &id, "pve2's renewed pin adopted", |c| {
+        member(c, "pve2")["fingerprint"] == renewed.as_str()
+            && member(c, "pve2")["reachable"] == true
+    })
+    .await;
+    assert!(is_healthy(&cluster), "{cluster:#}");
+    assert_eq!(cluster["fingerprint"], fake.certificate_fingerprint());
+    let history = history_entries(&app, &id).await;
+    assert!(
+        history
+            .iter()
+            .any(|(reason, member)| reason == "pin_rotated" && member == "pve2"),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_renewed_certificate_another_member_vouches_for_is_adopted() {
     let fake = tls_cluster().await;
     let app = fast_daemon().spawn().await;
@@ -345,6 +398,11 @@ async fn a_standalone_node_is_a_single_member_whichever_way_join_information_fai
         let cluster = register_fake(&app, &fake, "lab").await;
 
         assert_eq!(fake.requests(JOIN_PATH), 1, "{version}");
+        assert_eq!(
+            fake.requests("/api2/json/nodes"),
+            0,
+            "{version}: recognised as standalone, not a failed join-info call"
+        );
         assert_eq!(member_names(&cluster), vec!["pve"], "{version}");
         assert_eq!(member(&cluster, "pve")["endpoint"], fake.url());
         assert_eq!(cluster["node_count"], 1);
