@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::Endpoint;
 use crate::domain::{AuthMethod, ClusterId, ClusterStatus, Credentials, StatusReason};
-use crate::domain::{ClusterName, ProxmoxUser, Secret, TokenId};
+use crate::domain::{ClusterName, ProxmoxUser, Secret, TokenId, capped_error_text};
 use crate::proxmox::members::Member;
 use crate::proxmox::members::{MemberReport, MemberView};
 use crate::proxmox::{ClusterHealth, ProxmoxError};
@@ -283,7 +283,7 @@ impl Cluster {
                     self.record.status = ClusterStatus::Unhealthy;
                     self.record.status_reason = reason;
                 }
-                self.record.last_error = Some(error.to_string());
+                self.record.last_error = Some(capped_error_text(error.to_string()));
             }
         }
         self.record.last_checked_at = Some(now);

@@ -5,6 +5,22 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// Error texts shown and stored (`last_error`, history) are at most this long, so an error
+/// that quotes a huge answer cannot bloat every read and every stored record.
+pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
+
+/// `text` cut to [`MAX_ERROR_TEXT_BYTES`] on a character boundary.
+pub fn capped_error_text(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT_BYTES {
+        let mut end = MAX_ERROR_TEXT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Clusters are keyed by UUIDv7, so the store's key order is creation order.
 pub type ClusterId = uuid::Uuid;
 
@@ -474,6 +490,15 @@ mod tests {
             Some("http://127.0.0.4:41000".to_owned())
         );
         assert_eq!(registered.for_member(""), None);
+    }
+
+    #[test]
+    fn error_texts_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_TEXT_BYTES);
+        let cut = capped_error_text(long);
+        assert!(cut.len() <= MAX_ERROR_TEXT_BYTES && cut.len() >= MAX_ERROR_TEXT_BYTES - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(capped_error_text("short".into()), "short");
     }
 
     #[test]

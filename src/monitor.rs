@@ -402,7 +402,7 @@ impl Roster {
             }
             Err(error) => {
                 member.reachable = Some(false);
-                member.last_error = Some(error.to_string());
+                member.last_error = Some(crate::domain::capped_error_text(error.to_string()));
             }
         }
     }
