@@ -92,7 +92,7 @@ impl fmt::Display for ClusterName {
 
 /// The base URL of a Proxmox API, normalised to `scheme://host[:port][/prefix]` without a
 /// trailing slash or `/api2/json`, so that the client can append `/api2/json/...` itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Endpoint(String);
 

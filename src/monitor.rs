@@ -146,6 +146,8 @@ struct Roster {
     preferred: Option<String>,
     /// Until the first discovery of a cluster stored before members were tracked.
     baseline: bool,
+    /// A digest of what the last report said.
+    reported_digest: Option<u64>,
     /// The endpoint that answered the newest check.
     active: Option<Endpoint>,
     clients: HashMap<String, (Endpoint, Option<Fingerprint>, ProxmoxClient)>,
@@ -207,6 +209,7 @@ impl Actor for MonitorActor {
             members,
             preferred,
             baseline,
+            reported_digest: None,
             active: None,
             clients: HashMap::new(),
             last_attempt: HashMap::new(),
@@ -267,23 +270,21 @@ impl Actor for MonitorActor {
                 }
                 metrics::histogram!("proxmoxer_check_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
-                let reported = state.roster.report();
                 // The registry gone means the daemon is stopping; nothing to report to.
                 let _ = state.registry.cast(RegistryMsg::CheckCompleted {
                     cluster: state.cluster_id,
                     generation: state.generation,
                     outcome,
-                    members: reported.clone(),
+                    members: state.roster.report_if_changed(),
                 });
                 // Discovery and probes come after the report, so they never delay a status,
                 // and under their own deadline, so a black-holed member cannot stall checks.
                 let _ = tokio::time::timeout(deadline, state.maintain()).await;
-                let after = state.roster.report();
-                if after != reported {
+                if let Some(members) = state.roster.report_if_changed() {
                     let _ = state.registry.cast(RegistryMsg::MembersChanged {
                         cluster: state.cluster_id,
                         generation: state.generation,
-                        members: after,
+                        members,
                     });
                 }
                 // The baseline discovery has been reported; later ones are real changes.
@@ -434,6 +435,20 @@ impl Roster {
         self.config_version = status.config_version;
         let answering = self.preferred.clone().unwrap_or_default();
         self.last_status = Some((answering, status));
+    }
+
+    /// The report, unless nothing in it changed since the last one: most checks change
+    /// nothing about the members, and cloning them for every check is measurable.
+    fn report_if_changed(&mut self) -> Option<MemberReport> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&self.members, &self.active, self.pin, self.baseline).hash(&mut hasher);
+        let digest = hasher.finish();
+        if self.reported_digest == Some(digest) {
+            return None;
+        }
+        self.reported_digest = Some(digest);
+        Some(self.report())
     }
 
     fn report(&self) -> MemberReport {

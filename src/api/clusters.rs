@@ -1,66 +1,463 @@
 //! `/api/v1/clusters`: register, list, read, delete, and status history.
+//!
+//! Reads answer from bytes the registry rendered ahead of time, with a weak `ETag`; with
+//! `If-None-Match` naming the current tag they answer `304`, and with `?wait=` as well (on the
+//! list and on one cluster) they are held until the tag changes: a blocking query, for watching
+//! through GET. A held request waits on the registry's change channels, never polls: it costs a
+//! timer and a channel receiver until something it shows changes.
+
+use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ractor::{ActorRef, call_t};
 use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::openapi::{ClusterList, ErrorBody, HistoryList, RegisterRequest};
 use super::{ApiError, AppState, REGISTRY_CALL_TIMEOUT_MS, ask, registry_unavailable};
 use crate::cluster::ClusterView;
-use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, ProxmoxUser, Secret, TokenId};
+use crate::domain::{
+    ClusterId, ClusterName, ClusterStatus, Credentials, Endpoint, ProxmoxUser, Secret, TokenId,
+};
+use crate::registry::views::{
+    Cursor, Etag, ListFilter, ListQuery, Page, ReadCluster, ReadList, Rendered,
+};
 use crate::registry::{NewCluster, RegistrationId, RegistryMsg};
 use crate::tls::Fingerprint;
 
-/// List every cluster, newest first.
+/// The longest a blocking query may be held (inclusive).
+const MAX_WAIT: Duration = Duration::from_secs(5 * 60);
+/// The largest page.
+const MAX_LIMIT: usize = 1000;
+/// The query parameters of `GET /api/v1/clusters`.
+const LIST_PARAMETERS: &[&str] = &["status", "name", "limit", "cursor", "wait"];
+/// The query parameters of `GET /api/v1/clusters/{id}`.
+const CLUSTER_PARAMETERS: &[&str] = &["wait"];
+/// `GET /api/v1/clusters/{id}/history` takes none.
+const HISTORY_PARAMETERS: &[&str] = &[];
+
+/// The query string as name/value pairs, decoded; validated by [`Parameters::parse`].
+type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// List clusters, newest first (`created_at`, then `id`, descending); optionally filtered,
+/// paged, and held until the list changes.
 #[utoipa::path(get, path = "/api/v1/clusters", tag = "clusters",
+    params(
+        ("status" = Option<String>, Query, example = "degraded,unhealthy",
+            description = "Only clusters showing one of these statuses, comma-separated: \
+                healthy, degraded, unhealthy, unknown. The status as shown: a stale cluster \
+                is `unknown`."),
+        ("name" = Option<String>, Query, example = "prod-",
+            description = "Only clusters whose name starts with this (case-sensitive)."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+            description = "A page of at most this many clusters; the body adds `next_cursor`."),
+        ("cursor" = Option<String>, Query,
+            description = "Continue after the page that gave this `next_cursor` (opaque; \
+                stays valid when clusters come and go). Needs `limit`."),
+        ("wait" = Option<String>, Query, example = "30s",
+            description = "With `If-None-Match`: hold the request until the tag differs \
+                (then 200) or this long has passed (then 304). A duration with a unit, at \
+                most 5m. Ignored without `If-None-Match`."),
+        ("If-None-Match" = Option<String>, Header,
+            description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
+                one of them is current."),
+    ),
     responses(
-        (status = 200, description = "All registered clusters", body = ClusterList),
+        (status = 200, description = "The clusters the filter keeps: `{\"clusters\", \"total\"}`, \
+            and `next_cursor` with `limit`; `total` counts every cluster the filter keeps, on \
+            every page", body = ClusterList,
+            headers(("ETag" = String, description = "Weak tag, `W/\"…\"`; `last_checked_at` \
+                alone does not change it"))),
+        (status = 304, description = "Not modified: `If-None-Match` names the current tag (when \
+            `wait` passed, or at shutdown, still); empty body",
+            headers(("ETag" = String, description = "The current tag"))),
+        (status = 400, description = "An unknown, empty, repeated or invalid query parameter; \
+            `details.field` names it", body = ErrorBody),
         (status = 503, description = "The registry did not answer", body = ErrorBody),
     ))]
-pub(super) async fn clusters_list(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let list = ask(&state.registry, RegistryMsg::ReadList).await?;
-    Ok(json_bytes(list.snapshot.full_body()))
+pub(super) async fn clusters_list(
+    State(state): State<AppState>,
+    precondition: IfNoneMatch,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let (list_query, wait) = {
+        let mut parameters = Parameters::parse(query, LIST_PARAMETERS)?;
+        (parse_list_query(&mut parameters)?, parameters.wait()?)
+    };
+    let deadline = precondition.deadline(wait);
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let ReadList {
+            snapshot,
+            mut changes,
+        } = ask(&state.registry, RegistryMsg::ReadList).await?;
+        let rendered = snapshot.query(&list_query);
+        // A held request keeps a tag and a receiver, not the list it was cut from.
+        drop(snapshot);
+        if !precondition.matches(rendered.etag) {
+            return Ok(fresh(rendered));
+        }
+        let etag = rendered.etag;
+        drop(rendered);
+        let Some(deadline) = deadline else {
+            return Ok(not_modified(etag));
+        };
+        tracing::debug!(
+            route = "/api/v1/clusters",
+            etag = %etag.header(),
+            "holding a blocking query"
+        );
+        match park(&mut changes, deadline, &mut shutdown).await {
+            // Something in the list changed, maybe not this page: compare again.
+            Wake::Changed => {}
+            Wake::Closed | Wake::Done => return Ok(not_modified(etag)),
+        }
+    }
 }
 
-/// A body rendered by the registry, sent as is.
-fn json_bytes(body: axum::body::Bytes) -> Response {
-    (
+/// A body rendered by the registry, sent as is with its tag.
+fn fresh(rendered: Rendered) -> Response {
+    let mut response = (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        rendered.body,
     )
-        .into_response()
+        .into_response();
+    set_etag(response.headers_mut(), rendered.etag);
+    response
 }
 
-/// One cluster.
+/// `304 Not Modified`: no body, the same tag.
+fn not_modified(etag: Etag) -> Response {
+    let mut response = StatusCode::NOT_MODIFIED.into_response();
+    set_etag(response.headers_mut(), etag);
+    response
+}
+
+fn set_etag(headers: &mut HeaderMap, etag: Etag) {
+    // `W/"` and hex digits: always a valid header value.
+    if let Ok(value) = HeaderValue::try_from(etag.header()) {
+        headers.insert(header::ETAG, value);
+    }
+}
+
+/// One cluster; optionally held until it changes.
 #[utoipa::path(get, path = "/api/v1/clusters/{id}", tag = "clusters",
-    params(("id" = String, Path, description = "Cluster id (UUID)")),
+    params(
+        ("id" = String, Path, description = "Cluster id (UUID)"),
+        ("wait" = Option<String>, Query, example = "30s",
+            description = "With `If-None-Match`: hold the request until the tag differs \
+                (then 200), the cluster is deleted (then 404) or this long has passed (then \
+                304). A duration with a unit, at most 5m. Ignored without `If-None-Match`."),
+        ("If-None-Match" = Option<String>, Header,
+            description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
+                one of them is current."),
+    ),
     responses(
-        (status = 200, description = "The cluster", body = ClusterView),
+        (status = 200, description = "The cluster", body = ClusterView,
+            headers(("ETag" = String, description = "Weak tag, `W/\"…\"`; `last_checked_at` \
+                alone does not change it"))),
+        (status = 304, description = "Not modified: `If-None-Match` names the current tag (when \
+            `wait` passed, or at shutdown, still); empty body",
+            headers(("ETag" = String, description = "The current tag"))),
+        (status = 400, description = "An unknown, empty, repeated or invalid query parameter; \
+            `details.field` names it", body = ErrorBody),
         (status = 404, description = "Cluster not found", body = ErrorBody),
         (status = 503, description = "The registry did not answer", body = ErrorBody),
     ))]
 pub(super) async fn clusters_get(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    precondition: IfNoneMatch,
+    query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
+    let wait = Parameters::parse(query, CLUSTER_PARAMETERS)?.wait()?;
+    let deadline = precondition.deadline(wait);
+    let mut shutdown = state.shutdown.clone();
     let registry = &state.registry;
-    let read = call_t!(
-        registry,
-        RegistryMsg::ReadCluster,
-        REGISTRY_CALL_TIMEOUT_MS,
-        id
+    loop {
+        let ReadCluster {
+            rendered,
+            mut changes,
+        } = call_t!(
+            registry,
+            RegistryMsg::ReadCluster,
+            REGISTRY_CALL_TIMEOUT_MS,
+            id
+        )
+        .map_err(registry_unavailable)?
+        .ok_or(ApiError::ClusterNotFound)?;
+        if !precondition.matches(rendered.etag) {
+            return Ok(fresh(rendered));
+        }
+        let etag = rendered.etag;
+        drop(rendered);
+        let Some(deadline) = deadline else {
+            return Ok(not_modified(etag));
+        };
+        tracing::debug!(
+            route = "/api/v1/clusters/{id}",
+            cluster_id = %id,
+            etag = %etag.header(),
+            "holding a blocking query"
+        );
+        match park(&mut changes, deadline, &mut shutdown).await {
+            // Changed, or deleted: asking again answers as a fresh read would (404 for gone).
+            Wake::Changed | Wake::Closed => {}
+            Wake::Done => return Ok(not_modified(etag)),
+        }
+    }
+}
+
+/// Why a held request stopped waiting.
+enum Wake {
+    /// The channel saw a new value.
+    Changed,
+    /// The channel's sender is gone: the cluster was deleted, or the registry stopped.
+    Closed,
+    /// The wait is over, or the daemon is stopping.
+    Done,
+}
+
+/// Waits, without polling, for a change, the deadline, or shutdown.
+async fn park<T>(
+    changes: &mut watch::Receiver<T>,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Wake {
+    tokio::select! {
+        changed = changes.changed() => match changed {
+            Ok(()) => Wake::Changed,
+            Err(_) => Wake::Closed,
+        },
+        () = tokio::time::sleep_until(deadline) => Wake::Done,
+        () = stopping(shutdown) => Wake::Done,
+    }
+}
+
+/// Resolves once the daemon is stopping. A shutdown sender dropped without ever saying so
+/// is not a shutdown: then this never resolves, rather than ending every wait at once.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The request's `If-None-Match`: the tags it names, compared weakly (RFC 9110 §13.1.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum IfNoneMatch {
+    /// No such header: answer in full, at once.
+    Absent,
+    /// `*`: any current representation matches.
+    Any,
+    /// These tags; one that this server never issued matches nothing and is left out.
+    Tags(Vec<Etag>),
+}
+
+impl IfNoneMatch {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let mut values = headers.get_all(header::IF_NONE_MATCH).iter().peekable();
+        if values.peek().is_none() {
+            return Self::Absent;
+        }
+        let mut tags = Vec::new();
+        // A value that is not text names no tag of ours; the others still count.
+        for value in values.filter_map(|v| v.to_str().ok()) {
+            for tag in value.split(',') {
+                if tag.trim() == "*" {
+                    return Self::Any;
+                }
+                tags.extend(Etag::parse(tag));
+            }
+        }
+        Self::Tags(tags)
+    }
+
+    /// Whether the current representation, tagged `etag`, is one the client has.
+    fn matches(&self, etag: Etag) -> bool {
+        match self {
+            Self::Absent => false,
+            Self::Any => true,
+            Self::Tags(tags) => tags.contains(&etag),
+        }
+    }
+
+    /// Until when a request may be held: only with a tag to compare and a `wait`.
+    fn deadline(&self, wait: Option<Duration>) -> Option<Instant> {
+        match self {
+            Self::Absent => None,
+            Self::Any | Self::Tags(_) => wait.map(|wait| Instant::now() + wait),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = Infallible;
+
+    /// Reads the header in place rather than copying the whole header map.
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        Ok(Self::from_headers(&parts.headers))
+    }
+}
+
+/// The query parameters of one request: each known to the endpoint, given once, not empty.
+/// A typo such as `?staus=` must be an error, not a silently unfiltered answer.
+struct Parameters(Vec<(&'static str, String)>);
+
+impl Parameters {
+    fn parse(query: QueryPairs, allowed: &[&'static str]) -> Result<Self, ApiError> {
+        let Query(pairs) = query.map_err(|rejection| {
+            ApiError::bad_request(
+                "Query string is invalid",
+                json!({ "field": "query", "reason": rejection.body_text() }),
+            )
+        })?;
+        let mut known: Vec<(&'static str, String)> = Vec::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            let Some(&parameter) = allowed.iter().find(|a| **a == name) else {
+                let reason = if allowed.is_empty() {
+                    "this endpoint takes no query parameters".to_owned()
+                } else {
+                    format!("not a parameter here; expected {}", allowed.join(", "))
+                };
+                return Err(ApiError::bad_request(
+                    "Unknown query parameter",
+                    json!({ "field": name, "reason": reason }),
+                ));
+            };
+            if value.is_empty() {
+                return Err(invalid(
+                    parameter,
+                    "Query parameter is empty",
+                    "must not be empty; leave the parameter out instead",
+                ));
+            }
+            if known.iter().any(|(seen, _)| *seen == parameter) {
+                return Err(invalid(
+                    parameter,
+                    "Query parameter is repeated",
+                    "give it once (several statuses as one comma-separated list)",
+                ));
+            }
+            known.push((parameter, value));
+        }
+        Ok(Self(known))
+    }
+
+    fn take(&mut self, name: &str) -> Option<String> {
+        let index = self
+            .0
+            .iter()
+            .position(|(parameter, _)| *parameter == name)?;
+        Some(self.0.swap_remove(index).1)
+    }
+
+    /// `wait`: a duration with a unit, at most [`MAX_WAIT`].
+    fn wait(&mut self) -> Result<Option<Duration>, ApiError> {
+        let Some(raw) = self.take("wait") else {
+            return Ok(None);
+        };
+        let bad = |reason: String| invalid("wait", "Wait is invalid", reason);
+        // humantime reads a bare `0` as zero seconds; every wait must say its unit.
+        if !raw.chars().any(|c| c.is_ascii_alphabetic()) {
+            return Err(bad(format!(
+                "{raw:?} has no unit; give a duration such as 30s or 2m"
+            )));
+        }
+        let wait = humantime::parse_duration(&raw)
+            .map_err(|e| bad(format!("{raw:?} is not a duration ({e}); e.g. 30s or 2m")))?;
+        if wait > MAX_WAIT {
+            return Err(bad(format!("{raw:?} is over the maximum of 5m")));
+        }
+        Ok(Some(wait))
+    }
+}
+
+/// A `400` naming the parameter, shaped like a field's validation error.
+fn invalid(parameter: &str, message: &str, reason: impl Into<String>) -> ApiError {
+    ApiError::bad_request(
+        message,
+        json!({ "field": parameter, "reason": reason.into() }),
     )
-    .map_err(registry_unavailable)?
-    .ok_or(ApiError::ClusterNotFound)?;
-    Ok(json_bytes(read.rendered.body))
+}
+
+fn parse_list_query(parameters: &mut Parameters) -> Result<ListQuery, ApiError> {
+    let statuses = parameters
+        .take("status")
+        .map(|raw| parse_statuses(&raw))
+        .transpose()?;
+    let name_prefix = parameters.take("name");
+    let limit = parameters
+        .take("limit")
+        .map(|raw| match raw.parse::<usize>() {
+            Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => Ok(limit),
+            _ => Err(invalid(
+                "limit",
+                "Limit is invalid",
+                format!("{raw:?} is not a whole number from 1 to {MAX_LIMIT}"),
+            )),
+        })
+        .transpose()?;
+    let after = parameters
+        .take("cursor")
+        .map(|raw| {
+            Cursor::decode(&raw).ok_or_else(|| {
+                invalid(
+                    "cursor",
+                    "Cursor is invalid",
+                    "not a cursor this server issued; pass next_cursor from the previous page as is",
+                )
+            })
+        })
+        .transpose()?;
+    let page = match (limit, after) {
+        (Some(limit), after) => Some(Page { limit, after }),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(invalid(
+                "cursor",
+                "Cursor needs a limit",
+                "a cursor continues a page: pass limit as well",
+            ));
+        }
+    };
+    Ok(ListQuery {
+        filter: ListFilter {
+            statuses,
+            name_prefix,
+        },
+        page,
+    })
+}
+
+/// `healthy,degraded`: any of the four statuses, lowercase, comma-separated.
+fn parse_statuses(raw: &str) -> Result<Vec<ClusterStatus>, ApiError> {
+    raw.split(',')
+        .map(|name| match name.trim() {
+            "healthy" => Ok(ClusterStatus::Healthy),
+            "degraded" => Ok(ClusterStatus::Degraded),
+            "unhealthy" => Ok(ClusterStatus::Unhealthy),
+            "unknown" => Ok(ClusterStatus::Unknown),
+            other => Err(invalid(
+                "status",
+                "Status filter is invalid",
+                format!(
+                    "unknown status {other:?}; expected healthy, degraded, unhealthy or unknown \
+                     (lowercase, comma-separated)"
+                ),
+            )),
+        })
+        .collect()
 }
 
 /// Deregister a cluster: its monitor stops and its history is deleted.
@@ -135,17 +532,30 @@ pub(super) async fn clusters_create(
 
 /// A cluster's recent status transitions, newest first.
 #[utoipa::path(get, path = "/api/v1/clusters/{id}/history", tag = "clusters",
-    params(("id" = String, Path, description = "Cluster id (UUID)")),
+    params(
+        ("id" = String, Path, description = "Cluster id (UUID)"),
+        ("If-None-Match" = Option<String>, Header,
+            description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
+                one of them is current."),
+    ),
     responses(
-        (status = 200, description = "Status transitions, newest first", body = HistoryList),
+        (status = 200, description = "Status transitions, newest first", body = HistoryList,
+            headers(("ETag" = String, description = "Weak tag, `W/\"…\"`"))),
+        (status = 304, description = "Not modified: `If-None-Match` names the current tag; \
+            empty body", headers(("ETag" = String, description = "The current tag"))),
+        (status = 400, description = "A query parameter: this endpoint takes none; \
+            `details.field` names it", body = ErrorBody),
         (status = 404, description = "Cluster not found", body = ErrorBody),
         (status = 503, description = "The registry did not answer", body = ErrorBody),
     ))]
 pub(super) async fn clusters_history(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    precondition: IfNoneMatch,
+    query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
+    Parameters::parse(query, HISTORY_PARAMETERS)?;
     let registry = &state.registry;
     let history = call_t!(
         registry,
@@ -155,7 +565,10 @@ pub(super) async fn clusters_history(
     )
     .map_err(registry_unavailable)?
     .ok_or(ApiError::ClusterNotFound)?;
-    Ok(json_bytes(history.body))
+    if precondition.matches(history.etag) {
+        return Ok(not_modified(history.etag));
+    }
+    Ok(fresh(history))
 }
 
 struct CancelOnDrop {

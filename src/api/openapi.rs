@@ -42,11 +42,16 @@ use crate::proxmox::members::MemberView;
 )]
 pub struct ApiDoc;
 
-/// `{"clusters": [...], "total": N}`, newest first.
+/// `{"clusters": [...], "total": N}`, newest first; a page (`limit`) adds `next_cursor`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterList {
+    /// The clusters the filter keeps, or one page of them.
     pub clusters: Vec<ClusterView>,
+    /// How many clusters the filter keeps in all, the same on every page.
     pub total: usize,
+    /// Only with `limit`: pass it as `cursor` for the next page; null on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// `{"transitions": [...], "total": N}`, newest first.
@@ -56,12 +61,13 @@ pub struct HistoryList {
     pub total: usize,
 }
 
-/// Every error: `code` is the HTTP reason phrase without spaces.
+/// Every error: `code` is a PascalCase word from proxmoxer's error table, e.g. `BadRequest`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
-    /// Specifics, e.g. `{"field": "name", "reason": "..."}`, or null.
+    /// Specifics, e.g. `{"field": "name", "reason": "..."}` (for a query parameter, `field`
+    /// is its name), or null.
     pub details: Option<Value>,
 }
 

@@ -173,7 +173,7 @@ impl MemberPolicy {
 
 /// A member as the daemon knows it: persisted with the cluster, so failover works after a
 /// restart even while the registered node is down.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
     /// The Proxmox node name.
     pub name: String,

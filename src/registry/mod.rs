@@ -117,7 +117,8 @@ pub enum RegistryMsg {
         cluster: ClusterId,
         generation: u64,
         outcome: CheckOutcome,
-        members: MemberReport,
+        /// The members, when anything about them changed.
+        members: Option<MemberReport>,
     },
     /// A monitor learned something about the members between checks (a discovery, a probe,
     /// an adopted pin).
@@ -319,7 +320,7 @@ impl Actor for RegistryActor {
                 cluster,
                 generation,
                 members,
-            } => supervision::on_check_completed(state, cluster, generation, None, members),
+            } => supervision::on_check_completed(state, cluster, generation, None, Some(members)),
             RegistryMsg::RestartMonitor(id) => {
                 if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
                     spawn_monitor(&myself, state, id, None).await;

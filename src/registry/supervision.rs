@@ -83,7 +83,7 @@ pub(super) fn on_check_completed(
     id: ClusterId,
     generation: u64,
     outcome: Option<CheckOutcome>,
-    members: MemberReport,
+    members: Option<MemberReport>,
 ) {
     // A report from a monitor that has since been replaced or deleted is stale.
     if state.monitors.get(&id).map(|m| m.generation) != Some(generation) {
@@ -106,7 +106,9 @@ pub(super) fn on_check_completed(
             log_status_change(cluster, old, new);
         }
     }
-    let members_effect = cluster.apply_members(members, now);
+    let members_effect = members
+        .map(|members| cluster.apply_members(members, now))
+        .unwrap_or_default();
     let history_changed = effect.history_changed || members_effect.history_changed;
     if history_changed {
         state.dirty.insert(id);

@@ -883,7 +883,7 @@ mod tests {
         let (mut model, ids) = model_of(2);
         let start = Instant::now();
         let first = model.list_at(start);
-        let mut changes = first.changes.clone();
+        let changes = first.changes.clone();
         model.put_cluster(
             &view(ids[0], "c0", ClusterStatus::Degraded, 9),
             registered(0),

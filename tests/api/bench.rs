@@ -139,3 +139,265 @@ async fn bench_a_thousand_monitored_clusters() {
     );
     println!("RSS after load: {} KiB", rss_kib(pid).unwrap_or(0));
 }
+
+/// Like [`load`], with an optional extra header and the status every answer must have.
+async fn load_expecting(
+    client: &reqwest::Client,
+    url: &str,
+    header: Option<(&'static str, String)>,
+    expected: StatusCode,
+    duration: Duration,
+) -> Vec<Duration> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let until = Instant::now() + duration;
+    for _ in 0..CONCURRENCY {
+        let client = client.clone();
+        let url = url.to_owned();
+        let header = header.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < until {
+                let started = Instant::now();
+                let mut request = client.get(&url);
+                if let Some((name, value)) = &header {
+                    request = request.header(*name, value);
+                }
+                let response = request.send().await.expect("GET");
+                assert_eq!(response.status(), expected);
+                response.bytes().await.expect("body");
+                latencies.push(started.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut all: Vec<Duration> = tasks.join_all().await.into_iter().flatten().collect();
+    all.sort();
+    all
+}
+
+fn throughput(latencies: &[Duration], duration: Duration) -> f64 {
+    latencies.len() as f64 / duration.as_secs_f64()
+}
+
+/// CPU time (user + system) a process has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel reports clock ticks of 1/100 s on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// A bare axum server answering `/one` and `/list` with fixed bytes: the ceiling for a GET.
+async fn bare_server(one: axum::body::Bytes, list: axum::body::Bytes) -> String {
+    use axum::http::header::CONTENT_TYPE;
+    let json = || [(CONTENT_TYPE, "application/json")];
+    let app = axum::Router::new()
+        .route(
+            "/one",
+            axum::routing::get(move || async move { (json(), one) }),
+        )
+        .route(
+            "/list",
+            axum::routing::get(move || async move { (json(), list) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the bare server");
+    let addr = listener.local_addr().expect("bare server address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// Registers clusters `from..to` with 32 concurrent clients; returns the rate per second.
+async fn register_range(app: &TestApp, fake: &FakePve, from: usize, to: usize) -> f64 {
+    let started = Instant::now();
+    let mut registrations = tokio::task::JoinSet::new();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    for n in from..to {
+        let request = app
+            .client
+            .post(app.api_url("/clusters"))
+            .json(&register_body(fake, &format!("cluster-{n:05}")));
+        let permit = semaphore.clone();
+        registrations.spawn(async move {
+            let _permit = permit.acquire_owned().await.expect("semaphore");
+            request.send().await.expect("POST").status()
+        });
+    }
+    let statuses = registrations.join_all().await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::CREATED));
+    (to - from) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// GET by id and the list against a bare server serving the same bytes, in the same run.
+async fn compare_with_bare(app: &TestApp, clusters: usize) {
+    let one_url = {
+        let list: Value = app.get_clusters().await.json().await.expect("JSON");
+        let id = list["clusters"][0]["id"].as_str().expect("id").to_owned();
+        app.api_url(&format!("/clusters/{id}"))
+    };
+    let one = app.client.get(&one_url).send().await.expect("GET");
+    let etag = one
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let one = one.bytes().await.expect("body");
+    let list_url = app.api_url("/clusters");
+    let list = app
+        .client
+        .get(&list_url)
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body");
+    let bare = bare_server(one, list.clone()).await;
+    let duration = LOAD_DURATION;
+    let ok = StatusCode::OK;
+    let ours = load_expecting(&app.client, &one_url, None, ok, duration).await;
+    let theirs = load_expecting(&app.client, &format!("{bare}/one"), None, ok, duration).await;
+    println!(
+        "{clusters} clusters, GET by id: {:.0} req/s (p99 {:?}) vs bare {:.0} req/s (p99 {:?}): ratio {:.2}",
+        throughput(&ours, duration),
+        percentile(&ours, 0.99),
+        throughput(&theirs, duration),
+        percentile(&theirs, 0.99),
+        throughput(&ours, duration) / throughput(&theirs, duration),
+    );
+    if let Some(etag) = etag {
+        let not_modified = load_expecting(
+            &app.client,
+            &one_url,
+            Some(("if-none-match", etag)),
+            StatusCode::NOT_MODIFIED,
+            duration,
+        )
+        .await;
+        println!(
+            "{clusters} clusters, GET by id answered 304: {:.0} req/s (p99 {:?})",
+            throughput(&not_modified, duration),
+            percentile(&not_modified, 0.99),
+        );
+    }
+    let ours = load_expecting(&app.client, &list_url, None, ok, duration).await;
+    let theirs = load_expecting(&app.client, &format!("{bare}/list"), None, ok, duration).await;
+    println!(
+        "{clusters} clusters, GET list ({} KiB): {:.0} req/s (p99 {:?}) vs bare {:.0} req/s (p99 {:?}): ratio {:.2}",
+        list.len() / 1024,
+        throughput(&ours, duration),
+        percentile(&ours, 0.99),
+        throughput(&theirs, duration),
+        percentile(&theirs, 0.99),
+        throughput(&ours, duration) / throughput(&theirs, duration),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+async fn bench_reads_writes_and_waits_against_a_bare_server() {
+    let fake = FakePve::start().await;
+    // Checks stay out of the way of the read figures: one round at start, then an hour.
+    let app = TestApp::builder()
+        .env("PROXMOXER_MONITOR_INTERVAL", "1h")
+        .spawn()
+        .await;
+    let pid = app.pid().expect("daemon pid");
+
+    register_range(&app, &fake, 0, 100).await;
+    compare_with_bare(&app, 100).await;
+
+    // Registrations, each answered after its durable commit, and reads during the burst.
+    let idle = load_expecting(
+        &app.client,
+        &app.api_url("/clusters?limit=1"),
+        None,
+        StatusCode::OK,
+        Duration::from_secs(2),
+    )
+    .await;
+    let reads = {
+        let client = app.client.clone();
+        let url = app.api_url("/clusters?limit=1");
+        tokio::spawn(async move {
+            load_expecting(&client, &url, None, StatusCode::OK, Duration::from_secs(3)).await
+        })
+    };
+    let rate = register_range(&app, &fake, 100, 10_000).await;
+    let during = reads.await.expect("reads during the burst");
+    println!(
+        "registrations with a durable commit each, 32 concurrent: {rate:.0}/s; GET p99 idle {:?}, during the burst {:?}",
+        percentile(&idle, 0.99),
+        percentile(&during, 0.99),
+    );
+    compare_with_bare(&app, 10_000).await;
+
+    // Ten thousand parked blocking queries.
+    let list: Value = app.get_clusters().await.json().await.expect("JSON");
+    let ids: Vec<String> = list["clusters"]
+        .as_array()
+        .expect("clusters")
+        .iter()
+        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .collect();
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let mut parked = tokio::task::JoinSet::new();
+    for id in ids.iter().take(10_000) {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .expect("client");
+        let url = app.api_url(&format!("/clusters/{id}"));
+        parked.spawn(async move {
+            let first = client.get(&url).send().await.expect("GET");
+            let etag = first.headers().get("etag").cloned();
+            drop(first);
+            let Some(etag) = etag else { return };
+            let _ = client
+                .get(format!("{url}?wait=5m"))
+                .header("if-none-match", etag)
+                .send()
+                .await;
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let cpu_before = cpu_time(pid).unwrap_or_default();
+    let rss_parked = rss_kib(pid).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cpu_parked = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+    println!(
+        "10,000 parked blocking queries: RSS {rss_before} KiB before, {rss_parked} KiB parked (+{} KiB); daemon CPU over 10 s parked: {cpu_parked:?}",
+        rss_parked.saturating_sub(rss_before)
+    );
+    parked.abort_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+async fn bench_cpu_per_monitor_check() {
+    let fake = FakePve::start().await;
+    let app = TestApp::builder()
+        .env("PROXMOXER_MONITOR_INTERVAL", "10s")
+        .env("RUST_LOG", "info")
+        .spawn()
+        .await;
+    let pid = app.pid().expect("daemon pid");
+    register_range(&app, &fake, 0, CLUSTERS).await;
+    // Past the first checks and the member probes that follow registration.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let checks_before = fake.requests("/api2/json/cluster/status");
+    let cpu_before = cpu_time(pid).unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let checks = fake.requests("/api2/json/cluster/status") - checks_before;
+    let cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+    println!(
+        "{CLUSTERS} clusters at a 10 s interval: {checks} checks in 30 s, daemon CPU {cpu:?}, {:.0} µs per check",
+        cpu.as_micros() as f64 / checks.max(1) as f64
+    );
+}

@@ -8,6 +8,8 @@ mod members;
 mod monitoring;
 mod operations;
 mod persistence;
+mod reads;
 mod registration;
 mod tls;
 mod tokens;
+mod writes;
