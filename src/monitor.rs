@@ -140,6 +140,8 @@ struct Roster {
     trust: TrustAnchors,
     channel: ChannelTrust,
     timeout: Duration,
+    /// Whether checks come often enough to reuse a connection before pveproxy closes it.
+    keep_alive: bool,
     policy: MemberPolicy,
     members: Vec<Member>,
     /// The member that answered last: the next check asks it first.
@@ -205,6 +207,7 @@ impl Actor for MonitorActor {
             trust: args.trust,
             channel,
             timeout: args.settings.proxmox_timeout,
+            keep_alive: args.settings.interval < crate::proxmox::POOL_IDLE_TIMEOUT,
             policy: args.settings.members.clone(),
             members,
             preferred,
@@ -374,9 +377,24 @@ impl Roster {
         {
             return Ok(client.clone());
         }
-        let client = ProxmoxClient::new(endpoint.clone(), self.timeout, &self.trust, pin)?;
-        self.clients
-            .insert(name.to_owned(), (endpoint, pin, client.clone()));
+        let client = ProxmoxClient::with_pool(
+            endpoint.clone(),
+            self.timeout,
+            &self.trust,
+            pin,
+            self.keep_alive,
+        )?;
+        // Only the member checks go to keeps its client (tens of KiB each): the others are
+        // asked once a probe period, or during a failover, and build theirs when needed.
+        let checked = match &self.preferred {
+            Some(preferred) => preferred == name,
+            None => member.registered,
+        };
+        if checked {
+            self.clients.clear();
+            self.clients
+                .insert(name.to_owned(), (endpoint, pin, client.clone()));
+        }
         Ok(client)
     }
 

@@ -21,7 +21,7 @@ pub use wire::{ClusterHealth, StatusNode, StatusReport};
 use wire::{JoinInfoData, LoginData, NodeEntry, StatusEntry, VersionData};
 
 /// pveproxy drops keep-alive connections idle for 5 s; reusing one races that close.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Proxmox answers are small; anything bigger is not the API we expect.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -157,6 +157,19 @@ impl ProxmoxClient {
         trust: &TrustAnchors,
         pin: Option<Fingerprint>,
     ) -> Result<Self, ProxmoxError> {
+        Self::with_pool(endpoint, timeout, trust, pin, true)
+    }
+
+    /// Like [`ProxmoxClient::new`]; without `keep_alive`, every request gets a connection of
+    /// its own and none is kept. A monitor checking less often than pveproxy keeps idle
+    /// connections open gains nothing from a pool but its upkeep.
+    pub fn with_pool(
+        endpoint: Endpoint,
+        timeout: Duration,
+        trust: &TrustAnchors,
+        pin: Option<Fingerprint>,
+        keep_alive: bool,
+    ) -> Result<Self, ProxmoxError> {
         let (tls, presented) = trust
             .client_config(pin)
             .map_err(|e| ProxmoxError::Tls(e.to_string()))?;
@@ -167,6 +180,7 @@ impl ProxmoxClient {
             .connect_timeout(timeout)
             .timeout(timeout)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(if keep_alive { usize::MAX } else { 0 })
             .user_agent(concat!("proxmoxer/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProxmoxError::Tls(format!("cannot build the HTTP client: {e}")))?;

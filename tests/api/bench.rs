@@ -303,14 +303,18 @@ async fn compare_with_bare(app: &TestApp, clusters: usize) {
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
 async fn bench_reads_writes_and_waits_against_a_bare_server() {
     let fake = FakePve::start().await;
-    // Checks stay out of the way of the read figures: one round at start, then an hour.
+    // Checks stay out of the way of the read figures: one round at start, then an hour. No
+    // per-request debug lines: logging is not what is measured.
     let app = TestApp::builder()
         .env("PROXMOXER_MONITOR_INTERVAL", "1h")
+        .env("RUST_LOG", "info")
         .spawn()
         .await;
     let pid = app.pid().expect("daemon pid");
 
     register_range(&app, &fake, 0, 100).await;
+    // The first checks (within 5 s) and the member probes after them change what is shown.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     compare_with_bare(&app, 100).await;
 
     // Registrations, each answered after its durable commit, and reads during the burst.
@@ -336,6 +340,7 @@ async fn bench_reads_writes_and_waits_against_a_bare_server() {
         percentile(&idle, 0.99),
         percentile(&during, 0.99),
     );
+    tokio::time::sleep(Duration::from_secs(10)).await;
     compare_with_bare(&app, 10_000).await;
 
     // Ten thousand parked blocking queries.
