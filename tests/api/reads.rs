@@ -198,8 +198,9 @@ async fn tags_are_weak_and_stand_still_while_only_last_checked_at_moves() {
         timestamp(c, "last_checked_at") > timestamp(&first, "last_checked_at")
     })
     .await;
+    // A later second can come with the very next check.
     assert!(
-        fake.requests(STATUS_PATH) >= checks + 2,
+        fake.requests(STATUS_PATH) > checks,
         "the monitor kept checking"
     );
     assert_eq!(later["status"], first["status"], "{later}");
