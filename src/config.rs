@@ -9,13 +9,21 @@ use serde::Deserialize;
 
 use crate::domain::Cidr;
 
+/// `server.listen`: loopback only until an operator decides otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// `storage.database`, relative to the working directory.
 pub const DEFAULT_DATABASE: &str = "data/proxmoxer.redb";
+/// The key file's name, beside the database or in `$CREDENTIALS_DIRECTORY`.
 pub const KEY_FILE_NAME: &str = "proxmoxer.key";
+/// `monitor.interval`.
 pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_secs(30);
+/// `monitor.failure_threshold`.
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+/// `proxmox.timeout`: above pveproxy's 3 s delay on authentication failures.
 pub const DEFAULT_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server.shutdown_grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// `log.level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Clusters are watched through all their members unless this is turned off.
 pub const DEFAULT_MEMBER_DISCOVERY: bool = true;

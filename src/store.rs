@@ -34,16 +34,21 @@ const WRITE_PROBE: &str = "write_probe";
 /// A value sealed under the key, so a wrong key is caught at start, before any cluster is read.
 const KEY_CHECK: &str = "key_check";
 
+/// Why the database could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process holds the database file.
     #[error(
         "database {0} is in use by another process (is another proxmoxer running?); nothing was changed"
     )]
     InUse(PathBuf),
+    /// The file or its directory cannot be created or opened.
     #[error("cannot open database {path}: {message}")]
     Open { path: PathBuf, message: String },
+    /// A transaction failed, e.g. the disk is full or failing.
     #[error("database error: {0}")]
     Database(String),
+    /// A stored value does not decode.
     #[error("stored record {id} is unreadable: {message}")]
     Corrupt { id: String, message: String },
 }

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::domain::{Credentials, Endpoint, ProxmoxUser, Secret, StatusReason};
 use crate::tls::{Fingerprint, PresentedCertificate, TrustAnchors};
 
+/// A cluster's members: discovery, trust and pin learning.
 pub mod members;
 mod wire;
 

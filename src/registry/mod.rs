@@ -30,7 +30,9 @@ use crate::tls::{Fingerprint, TrustAnchors};
 
 mod registration;
 mod supervision;
+/// What GET answers, rendered ahead of time.
 pub mod views;
+/// The store writer.
 pub mod writer;
 
 use registration::{PendingRegistration, StoringRegistration};
@@ -83,19 +85,26 @@ pub struct NewCluster {
     pub credentials: Credentials,
 }
 
+/// How the registry runs its monitors and judges their results.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
+    /// Handed to every monitor.
     pub monitor: MonitorSettings,
+    /// Failures in a row before a cluster is unhealthy.
     pub failure_threshold: u32,
 }
 
+/// What the registry is asked to do; replies go through the last field.
 pub enum RegistryMsg {
+    /// Register a validated cluster: reserve its name, probe Proxmox, store it.
     Register(
         RegistrationId,
         NewCluster,
         RpcReplyPort<Result<ClusterView, RegistryError>>,
     ),
+    /// The client of a registration went away: drop its reservation and probe.
     CancelRegistration(RegistrationId),
+    /// A registration's Proxmox probe is done.
     ProbeFinished(RegistrationId, Result<ProbeReport, ProxmoxError>),
     /// The rendered list and a way to wait for its next change.
     ReadList(RpcReplyPort<ReadList>),
@@ -105,6 +114,7 @@ pub enum RegistryMsg {
     ReadHistory(ClusterId, RpcReplyPort<Option<Rendered>>),
     /// One cluster's view; `None` when unknown.
     Get(ClusterId, RpcReplyPort<Option<ClusterView>>),
+    /// Deregister a cluster, durably.
     Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
     /// Answers with the number of clusters, proof the registry is alive, or why it is not
     /// healthy: the last write to the database failed.
@@ -113,6 +123,7 @@ pub enum RegistryMsg {
     Subscribe(Option<u64>, RpcReplyPort<Subscription>),
     /// Figures for `/metrics` and systemd's status line.
     Snapshot(RpcReplyPort<Vec<ClusterSnapshot>>),
+    /// A monitor's check is done.
     CheckCompleted {
         cluster: ClusterId,
         generation: u64,
@@ -127,7 +138,9 @@ pub enum RegistryMsg {
         generation: u64,
         members: MemberReport,
     },
+    /// Restart a cluster's monitor after its back-off.
     RestartMonitor(ClusterId),
+    /// Hand changed clusters to the writer.
     Flush,
     /// The writer is done with a registration.
     RegistrationStored(RegistrationId, Result<(), StoreError>),
@@ -140,20 +153,29 @@ pub enum RegistryMsg {
     MonitorOf(ClusterId, RpcReplyPort<Option<ActorRef<MonitorMsg>>>),
 }
 
+/// The registry actor; its state is [`RegistryState`].
 pub struct RegistryActor;
 
 /// One cluster's figures at one moment.
 #[derive(Debug, Clone)]
 pub struct ClusterSnapshot {
+    /// The cluster as the API shows it.
     pub view: ClusterView,
+    /// Since Proxmox last answered a check, if it has since the daemon started.
     pub seconds_since_success: Option<f64>,
 }
 
+/// What the registry starts with.
 pub struct RegistryArgs {
+    /// The opened database; the registry hands it to its writer.
     pub store: Store,
+    /// Seals new credentials.
     pub vault: Arc<Vault>,
+    /// The clusters loaded from the database.
     pub clusters: Vec<Cluster>,
+    /// Monitor and status settings.
     pub settings: RegistrySettings,
+    /// TLS trust for Proxmox.
     pub trust: TrustAnchors,
 }
 
