@@ -125,8 +125,6 @@ pub async fn run(
         },
         failure_threshold: config.failure_threshold,
     };
-    let registration_timeout =
-        settings.monitor.registration_deadline() + std::time::Duration::from_secs(5);
     let (registry, registry_task) = Actor::spawn(
         None,
         RegistryActor,
@@ -158,7 +156,6 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(api::AppState {
         registry: registry.clone(),
-        registration_timeout,
         shutdown: stop_rx.clone(),
         metrics: metrics::Metrics::install(),
     });

@@ -84,7 +84,7 @@ type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
     ))]
 pub(super) async fn clusters_list(
     State(state): State<AppState>,
-    precondition: IfNoneMatch,
+    mut precondition: IfNoneMatch,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let (list_query, wait) = {
@@ -106,6 +106,7 @@ pub(super) async fn clusters_list(
         }
         let etag = rendered.etag;
         drop(rendered);
+        precondition.pin_any(etag);
         let Some(deadline) = deadline else {
             return Ok(not_modified(etag));
         };
@@ -177,7 +178,7 @@ fn set_etag(headers: &mut HeaderMap, etag: Etag) {
 pub(super) async fn clusters_get(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-    precondition: IfNoneMatch,
+    mut precondition: IfNoneMatch,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
@@ -202,6 +203,7 @@ pub(super) async fn clusters_get(
         }
         let etag = rendered.etag;
         drop(rendered);
+        precondition.pin_any(etag);
         let Some(deadline) = deadline else {
             return Ok(not_modified(etag));
         };
@@ -289,6 +291,14 @@ impl IfNoneMatch {
             Self::Absent => false,
             Self::Any => true,
             Self::Tags(tags) => tags.contains(&etag),
+        }
+    }
+
+    /// A held `*` waits for a change from what it first matched, not for any representation
+    /// at all, which it would match forever.
+    fn pin_any(&mut self, current: Etag) {
+        if *self == Self::Any {
+            *self = Self::Tags(vec![current]);
         }
     }
 
@@ -475,8 +485,8 @@ pub(super) async fn clusters_delete(
 ) -> Result<StatusCode, ApiError> {
     let id = parse_cluster_id(id)?;
     let registry = &state.registry;
-    call_t!(registry, RegistryMsg::Delete, REGISTRY_CALL_TIMEOUT_MS, id)
-        .map_err(registry_unavailable)??;
+    // Like a registration, a deletion waits for its durable commit, however slow the disk.
+    ractor::call!(registry, RegistryMsg::Delete, id).map_err(registry_unavailable)??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -510,16 +520,12 @@ pub(super) async fn clusters_create(
         registry: state.registry.clone(),
         registration,
     };
-    let timeout_ms = u64::try_from(state.registration_timeout.as_millis()).unwrap_or(u64::MAX);
+    // No timeout of our own: the registry bounds the probe, and once the cluster is being
+    // stored only the disk decides; giving up then would answer an error for a cluster that
+    // still appears. A registry that dies drops the reply, which ends the wait.
     let registry = &state.registry;
-    let view = call_t!(
-        registry,
-        RegistryMsg::Register,
-        timeout_ms,
-        registration,
-        request
-    )
-    .map_err(registry_unavailable)??;
+    let view = ractor::call!(registry, RegistryMsg::Register, registration, request)
+        .map_err(registry_unavailable)??;
     let location = HeaderValue::from_str(&format!("/api/v1/clusters/{}", view.id))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((

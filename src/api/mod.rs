@@ -7,7 +7,7 @@ mod events;
 pub mod listener;
 pub mod openapi;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -34,8 +34,6 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: ActorRef<RegistryMsg>,
-    /// A registration waits on up to three Proxmox calls, each bounded by the Proxmox timeout.
-    pub registration_timeout: Duration,
     /// Turns true when the daemon stops, ending event streams so shutdown is not held open.
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<crate::metrics::Metrics>,

@@ -50,6 +50,9 @@ const HEALTHY_PERIOD: Duration = Duration::from_secs(120);
 /// unknown.
 const STALE_AFTER_INTERVALS: u32 = 3;
 
+/// How long stopping waits for the last write.
+const FINAL_SYNC_LIMIT: Duration = Duration::from_secs(10);
+
 /// How often shown statuses are re-checked for staleness; a stale status shows within this.
 const STALE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -387,7 +390,13 @@ impl Actor for RegistryActor {
         }
         state.monitor_owners.clear();
         flush(state);
-        state.writer.sync().await;
+        // A disk that hangs must not hold the daemon's exit forever.
+        if tokio::time::timeout(FINAL_SYNC_LIMIT, state.writer.sync())
+            .await
+            .is_err()
+        {
+            tracing::error!("the last monitor results could not be written in time");
+        }
         Ok(())
     }
 }
@@ -498,14 +507,18 @@ fn flush(state: &mut RegistryState) {
         return;
     }
     let mut batch = WriteBatch::default();
+    let mut held_back = HashSet::new();
     for id in std::mem::take(&mut state.dirty) {
+        // Kept for the next flush, in case the deletion fails and the cluster stays.
         if state.deleting.contains_key(&id) {
+            held_back.insert(id);
             continue;
         }
         if let Some(cluster) = state.clusters.get_mut(&id) {
             batch.merge(writer::batch_of(cluster));
         }
     }
+    state.dirty = held_back;
     state.writer.write_in_background(batch);
 }
 

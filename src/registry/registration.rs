@@ -180,6 +180,9 @@ pub(super) async fn on_registration_stored(
         let _ = storing.reply.send(Err(e.into()));
         return;
     }
+    if storing.reply.is_closed() {
+        tracing::info!(cluster = %storing.cluster.record.name, "registered although its client went away while it was being stored");
+    }
     let cluster = storing.cluster;
     let id = cluster.id();
     let view = cluster.view(state.stale_after());

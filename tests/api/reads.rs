@@ -291,6 +291,21 @@ async fn a_held_query_is_released_by_a_status_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_star_waits_for_a_change_from_what_it_first_saw() {
+    let fake = fake_pve().await;
+    let app = fast_daemon().spawn().await;
+    let id = settled_cluster(&app, &fake, "starred").await;
+
+    let watch = spawn_get(&app, &format!("/clusters/{id}?wait=30s"), Some("*"));
+    wait_parked(&app, &cluster_parked(&id), 1).await;
+    assert!(!watch.is_finished());
+    fake.set_node_online("pve3", false);
+    let (_, response) = watch.await.expect("the watch");
+    let (_, cluster) = tagged(response).await;
+    assert_eq!(cluster["status"], "degraded", "{cluster}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_filtered_list_waits_through_changes_it_does_not_show() {
     let watched_fake = fake_pve().await;
     let other_fake = fake_pve().await;
