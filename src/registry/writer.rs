@@ -90,21 +90,25 @@ async fn run(
 ) {
     let mut pending = WriteBatch::default();
     let mut retry_delay = FIRST_RETRY_DELAY;
+    // Fixed when a commit fails, so jobs arriving meanwhile do not restart the back-off.
+    let mut next_retry = tokio::time::Instant::now();
     loop {
         let failing = health.borrow().is_some();
         let first = if failing {
             tokio::select! {
                 job = jobs.recv() => job,
-                () = tokio::time::sleep(retry_delay) => {
-                    retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
+                () = tokio::time::sleep_until(next_retry) => {
                     if pending.is_empty() {
                         probe(&store, &health).await;
-                    } else if commit(&store, pending.clone(), Vec::new(), &health).await {
+                    } else if commit(&store, pending.clone(), &health).await.is_ok() {
                         pending = WriteBatch::default();
                     }
-                    if health.borrow().is_none() {
-                        retry_delay = FIRST_RETRY_DELAY;
-                    }
+                    retry_delay = if health.borrow().is_none() {
+                        FIRST_RETRY_DELAY
+                    } else {
+                        (retry_delay * 2).min(MAX_RETRY_DELAY)
+                    };
+                    next_retry = tokio::time::Instant::now() + retry_delay;
                     continue;
                 }
             }
@@ -114,7 +118,7 @@ async fn run(
         let Some(first) = first else {
             // Every handle is gone: a last attempt at what is pending, then stop.
             if !pending.is_empty() {
-                commit(&store, pending, Vec::new(), &health).await;
+                let _ = commit(&store, pending, &health).await;
             }
             return;
         };
@@ -135,18 +139,31 @@ async fn run(
             }
             next = jobs.try_recv().ok();
         }
-        if !background.is_empty() || !durable_batch.is_empty() {
+        if failing && durable.is_empty() {
+            // Monitor results wait for the next retry rather than hammering a failing disk.
+            pending = background;
+        } else if !background.is_empty() || !durable_batch.is_empty() {
             let mut batch = background.clone();
-            batch.merge(durable_batch);
-            if !commit(&store, batch, durable, &health).await {
-                // Only monitor results are kept for the retry: a failed registration or
-                // deletion was answered with an error and must not happen later behind the
-                // client's back.
-                pending = background;
+            batch.merge(durable_batch.clone());
+            let mut result = commit(&store, batch, &health).await;
+            if result.is_err() && !durable.is_empty() && !background.is_empty() {
+                // Whatever made the monitor results fail must not fail registrations and
+                // deletions too: those get an attempt of their own.
+                result = commit(&store, durable_batch, &health).await;
+            } else if result.is_ok() {
+                background = WriteBatch::default();
             }
-        }
-        if health.borrow().is_none() {
-            retry_delay = FIRST_RETRY_DELAY;
+            for done in durable {
+                let _ = done.send(result.clone().map_err(StoreError::Database));
+            }
+            // Only monitor results are kept for the retry: a failed registration or deletion
+            // was answered with an error and must not happen later behind the client's back.
+            pending = background;
+            if health.borrow().is_some() {
+                next_retry = tokio::time::Instant::now() + retry_delay;
+            } else {
+                retry_delay = FIRST_RETRY_DELAY;
+            }
         }
         for done in syncs {
             let _ = done.send(());
@@ -154,37 +171,29 @@ async fn run(
     }
 }
 
-/// Commits `batch` and tells every durable writer the outcome; returns whether it is on disk.
+/// Commits `batch` and records the outcome as the writer's health; the error as text.
 async fn commit(
     store: &Store,
     batch: WriteBatch,
-    durable: Vec<oneshot::Sender<Result<(), StoreError>>>,
     health: &watch::Sender<Option<String>>,
-) -> bool {
+) -> Result<(), String> {
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || store.apply(&batch))
         .await
         .unwrap_or_else(|e| Err(StoreError::Database(format!("the commit task failed: {e}"))));
-    match &result {
+    match result {
         Ok(()) => {
             if health.send_replace(None).is_some() {
                 tracing::info!("database writes succeed again");
             }
+            Ok(())
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot write to the database; will retry");
             health.send_replace(Some(e.to_string()));
+            Err(e.to_string())
         }
     }
-    for done in durable {
-        let _ = done.send(
-            result
-                .as_ref()
-                .copied()
-                .map_err(|e| StoreError::Database(e.to_string())),
-        );
-    }
-    result.is_ok()
 }
 
 async fn probe(store: &Store, health: &watch::Sender<Option<String>>) {
