@@ -42,26 +42,24 @@ pub(super) fn on_register(
         let _ = reply.send(Err(RegistryError::Conflict));
         return;
     }
-    let client = match ProxmoxClient::new(
-        request.endpoint.clone(),
-        state.settings.monitor.proxmox_timeout,
-        &state.trust,
-        request.fingerprint,
-    ) {
-        Ok(client) => client,
-        Err(e) => {
-            let _ = reply.send(Err(e.into()));
-            return;
-        }
-    };
+    let endpoint = request.endpoint.clone();
+    let timeout = state.settings.monitor.proxmox_timeout;
+    let trust = state.trust.clone();
+    let pin = request.fingerprint;
     let credentials = request.credentials.clone();
     let registry = myself.clone();
-    // The same budget as a monitor's check, so the caller's wait (a little longer) never
-    // expires first and a slow Proxmox reads as a timeout, not as an unresponsive registry.
+    // A bound of its own, so a slow Proxmox reads as a timeout, not as an unresponsive
+    // registry.
     let deadline = state.settings.monitor.registration_deadline();
     let discover = state.settings.monitor.members.discovery;
+    // Even building the client (TLS configuration included) happens off the actor: reads
+    // must not queue behind a burst of registrations.
     let probe = tokio::spawn(async move {
-        let result = tokio::time::timeout(deadline, client.probe(&credentials, discover))
+        let probed = async {
+            let client = ProxmoxClient::new(endpoint, timeout, &trust, pin)?;
+            client.probe(&credentials, discover).await
+        };
+        let result = tokio::time::timeout(deadline, probed)
             .await
             .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
         let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
