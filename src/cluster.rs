@@ -229,11 +229,6 @@ impl Cluster {
         self.history.iter().rev().cloned().collect()
     }
 
-    /// Status transitions, oldest first, as they are stored.
-    pub fn history(&self) -> Vec<Transition> {
-        self.history.iter().cloned().collect()
-    }
-
     /// Seconds since Proxmox last answered a check, if it has since the daemon started.
     pub fn seconds_since_success(&self) -> Option<f64> {
         self.last_success.map(|at| at.elapsed().as_secs_f64())
@@ -594,7 +589,7 @@ mod tests {
                 Utc::now(),
             );
         }
-        assert_eq!(cluster.history().len(), HISTORY_CAPACITY);
+        assert_eq!(cluster.history_newest_first().len(), HISTORY_CAPACITY);
     }
 
     #[test]

@@ -681,11 +681,7 @@ impl MonitorState {
         name: &str,
         status: &StatusReport,
     ) -> Result<crate::proxmox::Discovery, ProxmoxError> {
-        let client = self.roster.client(name)?;
-        let session = self
-            .session
-            .clone()
-            .ok_or_else(|| ProxmoxError::SessionRejected("no session".into()))?;
+        let (client, session) = self.established(name)?;
         let discovery = client.discover(&session, status).await;
         match &discovery {
             Ok(_) => self.roster.note_attempt(name, Ok(())),
@@ -804,12 +800,19 @@ impl MonitorState {
     }
 
     async fn status_of(&mut self, name: &str) -> Result<StatusReport, ProxmoxError> {
+        let (client, session) = self.established(name)?;
+        client.cluster_status(&session).await
+    }
+
+    /// A client for `name` and the current session. Maintenance never logs in: it only
+    /// follows a check, which left a session behind when Proxmox answered.
+    fn established(&mut self, name: &str) -> Result<(ProxmoxClient, Session), ProxmoxError> {
         let client = self.roster.client(name)?;
         let session = self
             .session
             .clone()
             .ok_or_else(|| ProxmoxError::SessionRejected("no session".into()))?;
-        client.cluster_status(&session).await
+        Ok((client, session))
     }
 
     fn adopt_or_refuse(

@@ -101,14 +101,9 @@ pub(super) async fn clusters_list(
         let rendered = snapshot.query(&list_query);
         // A held request keeps a tag and a receiver, not the list it was cut from.
         drop(snapshot);
-        if !precondition.matches(rendered.etag) {
-            return Ok(fresh(rendered));
-        }
-        let etag = rendered.etag;
-        drop(rendered);
-        precondition.pin_any(etag);
-        let Some(deadline) = deadline else {
-            return Ok(not_modified(etag));
+        let (etag, deadline) = match precondition.hold(rendered, deadline) {
+            Verdict::Hold(etag, deadline) => (etag, deadline),
+            Verdict::Answer(answer) => return Ok(answer),
         };
         tracing::debug!(
             route = "/api/v1/clusters",
@@ -198,14 +193,9 @@ pub(super) async fn clusters_get(
         )
         .map_err(registry_unavailable)?
         .ok_or(ApiError::ClusterNotFound)?;
-        if !precondition.matches(rendered.etag) {
-            return Ok(fresh(rendered));
-        }
-        let etag = rendered.etag;
-        drop(rendered);
-        precondition.pin_any(etag);
-        let Some(deadline) = deadline else {
-            return Ok(not_modified(etag));
+        let (etag, deadline) = match precondition.hold(rendered, deadline) {
+            Verdict::Hold(etag, deadline) => (etag, deadline),
+            Verdict::Answer(answer) => return Ok(answer),
         };
         tracing::debug!(
             route = "/api/v1/clusters/{id}",
@@ -219,6 +209,14 @@ pub(super) async fn clusters_get(
             Wake::Done => return Ok(not_modified(etag)),
         }
     }
+}
+
+/// What a read does with the representation it got.
+enum Verdict {
+    /// Answer now.
+    Answer(Response),
+    /// Hold the request until the tag differs or the deadline.
+    Hold(Etag, Instant),
 }
 
 /// Why a held request stopped waiting.
@@ -294,11 +292,21 @@ impl IfNoneMatch {
         }
     }
 
-    /// A held `*` waits for a change from what it first matched, not for any representation
-    /// at all, which it would match forever.
-    fn pin_any(&mut self, current: Etag) {
+    /// The answer to give now (the representation, or 304 when there is nothing to wait
+    /// for), or the tag and deadline to hold the request with. A held `*` then waits for a
+    /// change from what it first matched, not for any representation at all, which it would
+    /// match forever.
+    fn hold(&mut self, rendered: Rendered, deadline: Option<Instant>) -> Verdict {
+        if !self.matches(rendered.etag) {
+            return Verdict::Answer(fresh(rendered));
+        }
+        let etag = rendered.etag;
         if *self == Self::Any {
-            *self = Self::Tags(vec![current]);
+            *self = Self::Tags(vec![etag]);
+        }
+        match deadline {
+            Some(deadline) => Verdict::Hold(etag, deadline),
+            None => Verdict::Answer(not_modified(etag)),
         }
     }
 

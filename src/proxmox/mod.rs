@@ -358,11 +358,6 @@ impl ProxmoxClient {
         self.version(session).await.map(|_| ())
     }
 
-    /// The endpoint this client talks to.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
     async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
