@@ -189,6 +189,8 @@ pub struct RegistryState {
     settings: RegistrySettings,
     trust: TrustAnchors,
     clusters: BTreeMap<ClusterId, Cluster>,
+    /// The names of `clusters`, so a registration's uniqueness check does not scan them all.
+    names: HashSet<ClusterName>,
     pending: HashMap<RegistrationId, PendingRegistration>,
     storing: HashMap<RegistrationId, StoringRegistration>,
     /// Deletions the writer is storing, with every client waiting on them.
@@ -214,7 +216,7 @@ impl RegistryState {
     }
 
     fn name_taken(&self, name: &ClusterName) -> bool {
-        self.clusters.values().any(|c| &c.record.name == name)
+        self.names.contains(name)
             || self.pending.values().any(|p| &p.name == name)
             || self
                 .storing
@@ -238,6 +240,11 @@ impl Actor for RegistryActor {
             vault: args.vault,
             settings: args.settings,
             trust: args.trust,
+            names: args
+                .clusters
+                .iter()
+                .map(|c| c.record.name.clone())
+                .collect(),
             clusters: args.clusters.into_iter().map(|c| (c.id(), c)).collect(),
             pending: HashMap::new(),
             storing: HashMap::new(),
@@ -449,6 +456,7 @@ fn on_deletion_stored(state: &mut RegistryState, id: ClusterId, result: Result<(
     state.views.remove(id);
     state.stale_shown.remove(&id);
     if let Some(cluster) = state.clusters.remove(&id) {
+        state.names.remove(&cluster.record.name);
         tracing::info!(cluster = %cluster.record.name, cluster_id = %id, "cluster deregistered");
     }
     state

@@ -185,6 +185,7 @@ pub(super) async fn on_registration_stored(
     let id = cluster.id();
     let view = cluster.view(state.stale_after());
     tracing::info!(cluster = %view.name, cluster_id = %id, endpoint = %view.api_endpoint, status = %view.status, "cluster registered");
+    state.names.insert(cluster.record.name.clone());
     state.clusters.insert(id, cluster);
     render(state, id, true);
     publish(state, EventKind::Registered, &view);

@@ -11,9 +11,9 @@
 //! check would rebuild the snapshot and re-render megabytes. Filters and pages are cut from a
 //! snapshot by the handler ([`ListSnapshot::query`]), outside the registry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::ops::Range;
+use std::ops::{Bound, Range};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -189,10 +189,24 @@ pub struct ListEntry {
     pub rendered: Rendered,
 }
 
+/// A place in the list: registration time at full precision, then id. The list shows
+/// clusters in descending order of it.
+type ListKey = (DateTime<Utc>, ClusterId);
+
 impl ListEntry {
-    /// Its place in the list: the list is in descending order of this.
-    fn key(&self) -> (DateTime<Utc>, ClusterId) {
+    /// Its place in the list.
+    fn key(&self) -> ListKey {
         (self.created_at, self.id)
+    }
+
+    /// What the entry adds to the list's tag. Contributions are summed, so the tag follows a
+    /// change of one entry in constant time; the order needs no part in it, as it follows
+    /// from the keys.
+    fn tag_contribution(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.id.hash(&mut hasher);
+        self.rendered.etag.0.hash(&mut hasher);
+        hasher.finish()
     }
 }
 
@@ -296,13 +310,14 @@ pub struct ListQuery {
     pub page: Option<Page>,
 }
 
-/// Every cluster at one moment, newest first; immutable, so handlers filter and page it
-/// outside the registry.
+/// Every cluster at one moment; immutable, so handlers filter and page it outside the
+/// registry. Taking one is a pointer copy of the registry's persistent map, however many
+/// clusters there are.
 #[derive(Debug)]
 pub struct ListSnapshot {
-    /// Newest first: `created_at` descending, then `id` descending.
-    pub entries: Vec<Arc<ListEntry>>,
-    /// The tag over every entry's tag, in order.
+    /// In ascending key order; shown newest first.
+    entries: imbl::OrdMap<ListKey, Arc<ListEntry>>,
+    /// The tag over every entry's tag.
     pub etag: Etag,
     /// The unfiltered body, rendered once on first use, by the first reader rather than by the
     /// registry.
@@ -313,29 +328,28 @@ pub struct ListSnapshot {
 
 impl Default for ListSnapshot {
     fn default() -> Self {
-        Self::new(Vec::new(), Instant::now())
+        Self {
+            entries: imbl::OrdMap::new(),
+            etag: Etag::default(),
+            full_body: OnceLock::new(),
+            built_at: Instant::now(),
+        }
     }
 }
 
 impl ListSnapshot {
-    fn new(entries: Vec<Arc<ListEntry>>, built_at: Instant) -> Self {
-        let etag = Etag::combine(entries.iter().map(|e| e.rendered.etag));
-        Self::with_etag(entries, etag, built_at)
-    }
-
-    fn with_etag(entries: Vec<Arc<ListEntry>>, etag: Etag, built_at: Instant) -> Self {
-        Self {
-            entries,
-            etag,
-            full_body: OnceLock::new(),
-            built_at,
-        }
+    /// Every entry, newest first.
+    pub fn newest_first(&self) -> impl Iterator<Item = &Arc<ListEntry>> {
+        self.entries.values().rev()
     }
 
     /// The whole list, the seed shape `{"clusters": [...], "total": N}`.
     pub fn full_body(&self) -> Bytes {
         self.full_body
-            .get_or_init(|| render(&self.entries, self.entries.len(), None))
+            .get_or_init(|| {
+                let all: Vec<&Arc<ListEntry>> = self.newest_first().collect();
+                render(&all, all.len(), None)
+            })
             .clone()
     }
 
@@ -358,7 +372,7 @@ impl ListSnapshot {
         let filter = &query.filter;
         let kept = |entry: &&Arc<ListEntry>| filter.keeps(entry);
         let Some(page) = query.page else {
-            let shown: Vec<&Arc<ListEntry>> = self.entries.iter().filter(kept).collect();
+            let shown: Vec<&Arc<ListEntry>> = self.newest_first().filter(kept).collect();
             return Rendered {
                 body: render(&shown, shown.len(), None),
                 etag: Etag::combine(shown.iter().map(|e| e.rendered.etag)),
@@ -367,14 +381,18 @@ impl ListSnapshot {
         let total = if filter.is_everything() {
             self.entries.len()
         } else {
-            self.entries.iter().filter(kept).count()
+            self.newest_first().filter(kept).count()
         };
-        // Newest first, so the entries at or before the cursor are a prefix.
-        let start = page.after.map_or(0, |after| {
-            self.entries
-                .partition_point(|entry| entry.key() >= after.key())
-        });
-        let mut rest = self.entries[start..].iter().filter(kept);
+        // Newest first: what follows the cursor is everything with a smaller key.
+        let before = page
+            .after
+            .map_or(Bound::Unbounded, |after| Bound::Excluded(after.key()));
+        let mut rest = self
+            .entries
+            .range((Bound::Unbounded, before))
+            .rev()
+            .map(|(_, entry)| entry)
+            .filter(kept);
         let shown: Vec<&Arc<ListEntry>> = rest.by_ref().take(page.limit).collect();
         let next_cursor = match (rest.next(), shown.last()) {
             (Some(_), Some(last)) => Some(Cursor::after(last).encode()),
@@ -454,8 +472,10 @@ struct HistoryBody<'a> {
 /// [`ReadModel::put_history`] or [`ReadModel::remove`].
 pub struct ReadModel {
     entries: HashMap<ClusterId, Entry>,
-    /// Every entry under `(created_at, id)`, so a snapshot is a walk and pointer copies.
-    order: BTreeMap<(DateTime<Utc>, ClusterId), Arc<ListEntry>>,
+    /// Every entry under its key; persistent, so a snapshot shares it rather than copies it.
+    order: imbl::OrdMap<ListKey, Arc<ListEntry>>,
+    /// The sum of every entry's [`ListEntry::tag_contribution`].
+    list_tag: u64,
     snapshot: Option<Arc<ListSnapshot>>,
     /// Some entry's body changed since the snapshot was built; no tag did.
     snapshot_behind: bool,
@@ -473,7 +493,8 @@ impl ReadModel {
     pub fn new() -> Self {
         Self {
             entries: HashMap::new(),
-            order: BTreeMap::new(),
+            order: imbl::OrdMap::new(),
+            list_tag: 0,
             snapshot: None,
             snapshot_behind: false,
             list_changes: watch::channel(0).0,
@@ -517,6 +538,10 @@ impl ReadModel {
                 if old_key != current.key() {
                     self.order.remove(&old_key);
                 }
+                self.list_tag = self
+                    .list_tag
+                    .wrapping_sub(entry.current.tag_contribution())
+                    .wrapping_add(current.tag_contribution());
                 self.order.insert(current.key(), current.clone());
                 entry.current = current;
                 if changed {
@@ -525,6 +550,7 @@ impl ReadModel {
                 changed
             }
             None => {
+                self.list_tag = self.list_tag.wrapping_add(current.tag_contribution());
                 self.order.insert(current.key(), current.clone());
                 self.entries.insert(
                     view.id,
@@ -572,6 +598,7 @@ impl ReadModel {
     pub fn remove(&mut self, id: ClusterId) {
         if let Some(entry) = self.entries.remove(&id) {
             self.order.remove(&entry.current.key());
+            self.list_tag = self.list_tag.wrapping_sub(entry.current.tag_contribution());
             self.snapshot = None;
             self.snapshot_behind = false;
             self.list_changes.send_modify(|generation| *generation += 1);
@@ -593,6 +620,15 @@ impl ReadModel {
             .and_then(|entry| entry.history.clone())
     }
 
+    /// The tag over the whole list: the sum of the entries' contributions, mixed with their
+    /// number so that a removal and an addition cannot cancel out into an old tag.
+    fn list_etag(&self) -> Etag {
+        let mut hasher = DefaultHasher::new();
+        self.list_tag.hash(&mut hasher);
+        self.order.len().hash(&mut hasher);
+        Etag(hasher.finish())
+    }
+
     /// The list; rebuilt after a change of tags, or of bodies once the snapshot is
     /// [`LIST_BODY_REFRESH`] old.
     pub fn list(&mut self) -> ReadList {
@@ -607,12 +643,12 @@ impl ReadModel {
             {
                 snapshot.clone()
             }
-            previous => {
-                let entries: Vec<Arc<ListEntry>> = self.order.values().rev().cloned().collect();
-                // Bodies changed, tags did not: the snapshot's tag still holds.
-                let snapshot = Arc::new(match previous {
-                    Some(previous) => ListSnapshot::with_etag(entries, previous.etag, now),
-                    None => ListSnapshot::new(entries, now),
+            _ => {
+                let snapshot = Arc::new(ListSnapshot {
+                    entries: self.order.clone(),
+                    etag: self.list_etag(),
+                    full_body: OnceLock::new(),
+                    built_at: now,
                 });
                 self.snapshot = Some(snapshot.clone());
                 self.snapshot_behind = false;
@@ -899,7 +935,12 @@ mod tests {
         assert!(!Arc::ptr_eq(&first.snapshot, &later.snapshot));
         assert_eq!(later.snapshot.etag, first.snapshot.etag);
         assert_eq!(
-            later.snapshot.entries[1].rendered.body,
+            later
+                .snapshot
+                .newest_first()
+                .nth(1)
+                .map(|e| e.rendered.body.clone())
+                .unwrap_or_default(),
             model
                 .cluster(ids[0])
                 .map(|r| r.rendered.body)
