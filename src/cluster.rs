@@ -95,6 +95,44 @@ pub fn assess(health: &ClusterHealth) -> (ClusterStatus, StatusReason) {
     }
 }
 
+/// New settings for a registered cluster, already verified against Proxmox.
+#[derive(Debug, Clone)]
+pub struct SettingsChange {
+    /// The name, changed or not.
+    pub name: ClusterName,
+    /// The registered endpoint, changed or not.
+    pub api_endpoint: Endpoint,
+    /// The credentials in clear, for the monitor.
+    pub credentials: Credentials,
+    /// The same secret sealed, for the store.
+    pub credential: SealedSecret,
+    /// The operator's pin, changed or not.
+    pub fingerprint: Option<Fingerprint>,
+    /// Members discovered anew because the endpoint or the trust changed; `None` keeps them.
+    pub members: Option<Vec<Member>>,
+    /// The fields whose values changed, by name, for the history.
+    pub fields: Vec<String>,
+}
+
+impl ClusterRecord {
+    /// This record with `change` applied.
+    pub fn with_settings(&self, change: &SettingsChange) -> Self {
+        let mut record = self.clone();
+        record.name = change.name.clone();
+        record.api_endpoint = change.api_endpoint.clone();
+        record.username = change.credentials.username().clone();
+        record.auth_method = change.credentials.method();
+        record.token_id = change.credentials.token_id().cloned();
+        record.credential = change.credential.clone();
+        record.fingerprint = change.fingerprint;
+        if let Some(members) = &change.members {
+            record.members = members.clone();
+            record.active_endpoint = Some(change.api_endpoint.clone());
+        }
+        record
+    }
+}
+
 /// What applying a check changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckEffect {
@@ -123,6 +161,9 @@ pub struct Transition {
     /// The member a membership entry (joined, left, pin rotated, failover) is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
+    /// The settings a `settings_changed` entry is about, by field name; never their values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
 }
 
 /// A registered cluster: its persisted record plus what only lives while the daemon runs.
@@ -155,6 +196,7 @@ impl Cluster {
             reason: record.status_reason,
             error: None,
             member: None,
+            fields: Vec::new(),
         };
         let mut cluster = Self {
             last_active: record.active_endpoint.clone(),
@@ -204,6 +246,7 @@ impl Cluster {
                 reason: StatusReason::NotChecked,
                 error: None,
                 member: None,
+                fields: Vec::new(),
             });
         }
         cluster
@@ -302,6 +345,7 @@ impl Cluster {
                 reason: self.record.status_reason,
                 error: self.record.last_error.clone(),
                 member: None,
+                fields: Vec::new(),
             });
         }
         CheckEffect {
@@ -319,6 +363,29 @@ impl Cluster {
         self.unstored.push((self.next_sequence, transition.clone()));
         self.next_sequence += 1;
         self.history.push_back(transition);
+    }
+
+    /// Applies settings an operator changed; a history entry names the changed fields.
+    pub fn change_settings(&mut self, change: SettingsChange, now: DateTime<Utc>) {
+        self.record = self.record.with_settings(&change);
+        if change.members.is_some() {
+            self.last_active = self.record.active_endpoint.clone();
+        }
+        self.credentials = change.credentials;
+        if change.fields.is_empty() {
+            return;
+        }
+        self.record.updated_at = now;
+        let status = self.record.status;
+        self.remember(Transition {
+            at: now,
+            from: status,
+            to: status,
+            reason: StatusReason::SettingsChanged,
+            error: None,
+            member: None,
+            fields: change.fields,
+        });
     }
 
     /// Takes a monitor's view of the members. Joins, departures, adopted pins and failovers
@@ -378,6 +445,7 @@ impl Cluster {
                 reason,
                 error: None,
                 member: Some(member),
+                fields: Vec::new(),
             });
         }
         CheckEffect {

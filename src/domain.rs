@@ -445,6 +445,8 @@ pub enum StatusReason {
     PinRotated,
     /// History only: checks are now answered by another member.
     Failover,
+    /// History only: an operator changed the cluster's settings; `fields` names them.
+    SettingsChanged,
 }
 
 impl fmt::Display for StatusReason {
@@ -465,6 +467,7 @@ impl fmt::Display for StatusReason {
             Self::MemberLeft => "member_left",
             Self::PinRotated => "pin_rotated",
             Self::Failover => "failover",
+            Self::SettingsChanged => "settings_changed",
         })
     }
 }
@@ -627,6 +630,7 @@ mod tests {
             MemberLeft,
             PinRotated,
             Failover,
+            SettingsChanged,
         ] {
             assert_eq!(
                 serde_json::to_value(reason).ok(),

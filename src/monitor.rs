@@ -102,6 +102,9 @@ pub struct MonitorArgs {
     pub settings: MonitorSettings,
     /// Where reports go.
     pub registry: ActorRef<RegistryMsg>,
+    /// Check at once rather than at the cluster's place in the start-up spread: the settings
+    /// just changed, and the operator expects to see them at work.
+    pub check_at_once: bool,
 }
 
 /// What a monitor is asked to do.
@@ -109,6 +112,10 @@ pub struct MonitorArgs {
 pub enum MonitorMsg {
     /// Runs one check, then schedules the next.
     Check,
+    /// An operator asked for a check at `requested_at`: run one, past any login back-off,
+    /// unless a check was in flight then (its answer is as fresh); either way tell the
+    /// registry when it is reported.
+    CheckNow(Instant),
     /// Makes the monitor fail as a bug would, to exercise supervision.
     #[cfg(test)]
     Crash,
@@ -128,6 +135,10 @@ pub struct MonitorState {
     version_read_at: Option<Instant>,
     login_backoff: Option<LoginBackoff>,
     next_check: Instant,
+    /// The first check runs at once (see [`MonitorArgs::check_at_once`]).
+    check_at_once: bool,
+    /// When the newest check started, and when it was reported.
+    last_check_span: Option<(Instant, Instant)>,
     /// A non-quorate answer the running check holds while it asks the other members.
     minority_view: Option<(String, StatusReport, Option<String>)>,
 }
@@ -235,6 +246,8 @@ impl Actor for MonitorActor {
             roster,
             login_backoff: None,
             next_check: Instant::now(),
+            check_at_once: args.check_at_once,
+            last_check_span: None,
             minority_view: None,
         })
     }
@@ -244,7 +257,11 @@ impl Actor for MonitorActor {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let delay = first_check_delay(state.cluster_id, state.settings.interval);
+        let delay = if state.check_at_once {
+            Duration::ZERO
+        } else {
+            first_check_delay(state.cluster_id, state.settings.interval)
+        };
         state.next_check = Instant::now() + delay;
         myself.send_after(delay, || MonitorMsg::Check);
         Ok(())
@@ -258,28 +275,8 @@ impl Actor for MonitorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MonitorMsg::Check => {
-                let started = Instant::now();
+                state.check_and_report().await;
                 let deadline = state.settings.check_deadline();
-                let outcome = match tokio::time::timeout(deadline, state.check()).await {
-                    Ok(outcome) => outcome,
-                    // A minority view already in hand beats reporting a timeout.
-                    Err(_) => match state.minority_view.take() {
-                        Some((name, status, version)) => state.answered(&name, status, version),
-                        None => CheckOutcome::Failed(ProxmoxError::Timeout(deadline)),
-                    },
-                };
-                if matches!(outcome, CheckOutcome::Failed(_)) {
-                    state.roster.active = None;
-                }
-                metrics::histogram!("proxmoxer_check_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                // The registry gone means the daemon is stopping; nothing to report to.
-                let _ = state.registry.cast(RegistryMsg::CheckCompleted {
-                    cluster: state.cluster_id,
-                    generation: state.generation,
-                    outcome,
-                    members: state.roster.report_if_changed(),
-                });
                 // Discovery and probes come after the report, so they never delay a status,
                 // and under their own deadline, so a black-holed member cannot stall checks.
                 let _ = tokio::time::timeout(deadline, state.maintain()).await;
@@ -296,6 +293,22 @@ impl Actor for MonitorActor {
                 }
                 let delay = state.schedule_next();
                 myself.send_after(delay, || MonitorMsg::Check);
+            }
+            MonitorMsg::CheckNow(requested_at) => {
+                let in_flight_then = state
+                    .last_check_span
+                    .is_some_and(|(start, end)| start <= requested_at && requested_at <= end);
+                if !in_flight_then {
+                    // The operator asked: one attempt past the login back-off, which goes on
+                    // growing if Proxmox still refuses.
+                    if let Some(backoff) = &mut state.login_backoff {
+                        backoff.next_attempt = Instant::now();
+                    }
+                    state.check_and_report().await;
+                }
+                let _ = state
+                    .registry
+                    .cast(RegistryMsg::CheckNowDone(state.cluster_id));
             }
             #[cfg(test)]
             MonitorMsg::Crash => return Err("crash requested by a test".into()),
@@ -500,6 +513,33 @@ impl MonitorState {
 
     /// Asks the members in turn until one answers. Only when none does is it a failure; a
     /// member that sees no quorum gives way to one that does.
+    /// Runs one check under the check deadline and reports it to the registry.
+    async fn check_and_report(&mut self) {
+        let started = Instant::now();
+        let deadline = self.settings.check_deadline();
+        let outcome = match tokio::time::timeout(deadline, self.check()).await {
+            Ok(outcome) => outcome,
+            // A minority view already in hand beats reporting a timeout.
+            Err(_) => match self.minority_view.take() {
+                Some((name, status, version)) => self.answered(&name, status, version),
+                None => CheckOutcome::Failed(ProxmoxError::Timeout(deadline)),
+            },
+        };
+        if matches!(outcome, CheckOutcome::Failed(_)) {
+            self.roster.active = None;
+        }
+        metrics::histogram!("proxmoxer_check_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        // The registry gone means the daemon is stopping; nothing to report to.
+        let _ = self.registry.cast(RegistryMsg::CheckCompleted {
+            cluster: self.cluster_id,
+            generation: self.generation,
+            outcome,
+            members: self.roster.report_if_changed(),
+        });
+        self.last_check_span = Some((started, Instant::now()));
+    }
+
     async fn check(&mut self) -> CheckOutcome {
         let candidates = self.roster.candidates();
         let mut first_failure = None;

@@ -29,7 +29,7 @@ use crate::domain::{
 use crate::registry::views::{
     Cursor, Etag, ListFilter, ListQuery, Page, ReadCluster, ReadList, Rendered,
 };
-use crate::registry::{NewCluster, RegistrationId, RegistryMsg};
+use crate::registry::{ClusterPatch, NewCluster, RegistrationId, RegistryMsg};
 use crate::tls::Fingerprint;
 
 /// The longest a blocking query may be held (inclusive).
@@ -544,6 +544,53 @@ pub(super) async fn clusters_create(
         .into_response())
 }
 
+/// The media types a `PATCH` body may have: JSON, or a JSON merge patch (RFC 7396), which
+/// is what the body is.
+fn patch_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json" | "application/merge-patch+json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+/// Change a cluster's settings without registering it anew: id, history and creation time
+/// stay. Connection settings are verified with Proxmox first; on failure nothing changes.
+pub(super) async fn clusters_patch(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_cluster_id(id)?;
+    patch_media_type(&headers)?;
+    let Json(body) = body?;
+    let patch = parse_patch(body)?;
+    let registry = &state.registry;
+    // Like a registration: the registry bounds the probe, and the disk decides the rest.
+    let view =
+        ractor::call!(registry, RegistryMsg::Patch, id, patch).map_err(registry_unavailable)??;
+    Ok(Json(view).into_response())
+}
+
+/// Check a cluster now, through its monitor, and answer with the cluster after the check,
+/// whatever it found. Requests that overlap, and a check already in flight, share one check.
+pub(super) async fn clusters_check(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_cluster_id(id)?;
+    let registry = &state.registry;
+    // The registry answers within the check deadline.
+    let view =
+        ractor::call!(registry, RegistryMsg::CheckNow, id).map_err(registry_unavailable)??;
+    Ok(Json(view).into_response())
+}
+
 /// A cluster's recent status transitions, newest first.
 #[utoipa::path(get, path = "/api/v1/clusters/{id}/history", tag = "clusters",
     params(
@@ -680,24 +727,114 @@ fn parse_credentials(
             "Token ID is required",
             json!({ "field": "token_id", "reason": "token_secret needs its token_id" }),
         )),
-        (None, Some(token_id), Some(secret)) => {
-            // The secret travels in an Authorization header, which Proxmox cuts at `;`.
-            if !secret.chars().all(|c| c.is_ascii_graphic() && c != ';') {
-                return Err(ApiError::bad_request(
-                    "Token secret is invalid",
-                    json!({
-                        "field": "token_secret",
-                        "reason": "must be printable ASCII without spaces or ';' (Proxmox shows it as a UUID)",
-                    }),
-                ));
-            }
-            Ok(Credentials::Token {
-                token_id: TokenId::parse(token_id, &username)?,
-                username,
-                secret: Secret::new(secret),
-            })
-        }
+        (None, Some(token_id), Some(secret)) => Ok(Credentials::Token {
+            secret: self::token_secret(secret)?,
+            token_id: TokenId::parse(token_id, &username)?,
+            username,
+        }),
     }
+}
+
+/// A token secret as Proxmox can take it: it travels in an Authorization header, which
+/// Proxmox cuts at `;`.
+fn token_secret(raw: &str) -> Result<Secret, ApiError> {
+    if !raw.chars().all(|c| c.is_ascii_graphic() && c != ';') {
+        return Err(ApiError::bad_request(
+            "Token secret is invalid",
+            json!({
+                "field": "token_secret",
+                "reason": "must be printable ASCII without spaces or ';' (Proxmox shows it as a UUID)",
+            }),
+        ));
+    }
+    Ok(Secret::new(raw))
+}
+
+/// The settings a `PATCH` may change.
+const PATCH_FIELDS: &[&str] = &[
+    "name",
+    "api_endpoint",
+    "username",
+    "password",
+    "token_id",
+    "token_secret",
+    "fingerprint",
+];
+
+/// A `PATCH` body, checked field by field with the rules of registration. What depends on
+/// the stored settings (a token id without its secret, a pin on http) the registry checks.
+fn parse_patch(body: Value) -> Result<ClusterPatch, ApiError> {
+    let Value::Object(fields) = body else {
+        return Err(ApiError::bad_request(
+            "Request body must be a JSON object",
+            json!({ "reason": format!("expected an object with any of {}", PATCH_FIELDS.join(", ")) }),
+        ));
+    };
+    if let Some(unknown) = fields
+        .keys()
+        .find(|key| !PATCH_FIELDS.contains(&key.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            format!("Unknown field {unknown}"),
+            json!({
+                "field": unknown,
+                "reason": format!("not a setting; send any of {}", PATCH_FIELDS.join(", ")),
+            }),
+        ));
+    }
+    if let Some((field, _)) = fields
+        .iter()
+        .find(|(key, value)| value.is_null() && key.as_str() != "fingerprint")
+    {
+        return Err(ApiError::bad_request(
+            format!("Field {field} must be a string"),
+            json!({ "field": field, "reason": "only fingerprint may be null (to remove the pin)" }),
+        ));
+    }
+    let non_empty = |field: &'static str, message: &str| -> Result<Option<&str>, ApiError> {
+        match optional_string(&fields, field)? {
+            Some("") => Err(ApiError::bad_request(
+                message,
+                json!({ "field": field, "reason": "must not be empty" }),
+            )),
+            other => Ok(other),
+        }
+    };
+    let password = non_empty("password", "Password is required")?;
+    let token_id = non_empty("token_id", "Token ID is required")?;
+    let token_secret = non_empty("token_secret", "Token secret is required")?;
+    if password.is_some() && (token_id.is_some() || token_secret.is_some()) {
+        return Err(ApiError::bad_request(
+            "Give either a password or an API token, not both",
+            json!({
+                "fields": ["password", "token_id", "token_secret"],
+                "reason": "send password, or token_id and token_secret",
+            }),
+        ));
+    }
+    let fingerprint = match fields.get("fingerprint") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(_) => optional_string(&fields, "fingerprint")?
+            .map(Fingerprint::parse)
+            .transpose()?
+            .map(Some),
+    };
+    Ok(ClusterPatch {
+        name: optional_string(&fields, "name")?
+            .map(ClusterName::parse)
+            .transpose()?,
+        endpoint: optional_string(&fields, "api_endpoint")?
+            .map(Endpoint::parse)
+            .transpose()?,
+        username: optional_string(&fields, "username")?
+            .map(ProxmoxUser::parse)
+            .transpose()?,
+        password: password.map(Secret::new),
+        token_id: token_id.map(str::to_owned),
+        token_secret: token_secret.map(self::token_secret).transpose()?,
+        fingerprint,
+    })
 }
 
 fn required_string<'a>(

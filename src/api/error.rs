@@ -238,6 +238,7 @@ impl From<RegistryError> for ApiError {
                 details: Value::Null,
             },
             RegistryError::NotFound => Self::ClusterNotFound,
+            RegistryError::Invalid(e) => e.into(),
             RegistryError::Proxmox(e) => e.into(),
             RegistryError::Store(e) => Self::Internal(e.to_string()),
             RegistryError::Secrets(e) => Self::Internal(e.to_string()),

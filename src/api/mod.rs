@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use ractor::{ActorRef, RactorErr, RpcReplyPort, call_t};
 use tokio::sync::watch;
 
@@ -47,8 +47,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/clusters/{id}",
-            get(clusters::clusters_get).delete(clusters::clusters_delete),
+            get(clusters::clusters_get)
+                .delete(clusters::clusters_delete)
+                .patch(clusters::clusters_patch),
         )
+        .route("/clusters/{id}/check", post(clusters::clusters_check))
         .route("/clusters/{id}/history", get(clusters::clusters_history))
         .route("/events", get(events::events))
         .route("/openapi.json", get(openapi::openapi_json));

@@ -17,7 +17,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::cluster::{CheckOutcome, Cluster, ClusterView};
-use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, StatusReason};
+use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, StatusReason, ValidationError};
 use crate::events::{EventHub, EventKind, Subscription};
 #[cfg(test)]
 use crate::monitor::MonitorMsg;
@@ -29,6 +29,7 @@ use crate::store::{Store, StoreError, WriteBatch};
 use crate::tls::{Fingerprint, TrustAnchors};
 
 mod registration;
+mod settings;
 mod supervision;
 /// What GET answers, rendered ahead of time.
 pub mod views;
@@ -36,6 +37,8 @@ pub mod views;
 pub mod writer;
 
 use registration::{PendingRegistration, StoringRegistration};
+pub use settings::ClusterPatch;
+use settings::PatchQueue;
 use supervision::{MonitorHandle, RestartBackoff, spawn_monitor};
 use views::{ReadCluster, ReadList, ReadModel, Rendered};
 use writer::Writer;
@@ -77,6 +80,9 @@ pub enum RegistryError {
     /// The credentials could not be sealed.
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// A change would leave settings a registration would refuse.
+    #[error("{}: {}", .0.message, .0.reason)]
+    Invalid(ValidationError),
 }
 
 /// A validated registration request.
@@ -119,6 +125,24 @@ pub enum RegistryMsg {
     Get(ClusterId, RpcReplyPort<Option<ClusterView>>),
     /// Deregister a cluster, durably.
     Delete(ClusterId, RpcReplyPort<Result<(), RegistryError>>),
+    /// Change a cluster's settings: verify them with Proxmox when they affect the
+    /// connection, store them durably, restart the monitor on them.
+    Patch(
+        ClusterId,
+        ClusterPatch,
+        RpcReplyPort<Result<ClusterView, RegistryError>>,
+    ),
+    /// Proxmox answered the verification of a cluster's changed settings.
+    PatchProbed(ClusterId, Result<ProbeReport, ProxmoxError>),
+    /// The writer is done with a cluster's changed settings.
+    PatchStored(ClusterId, Result<(), StoreError>),
+    /// Run a check now and answer with the cluster after it; requests that overlap share it.
+    CheckNow(ClusterId, RpcReplyPort<Result<ClusterView, RegistryError>>),
+    /// A monitor reported the check asked for.
+    CheckNowDone(ClusterId),
+    /// The check asked for (in the given round) is past its deadline: answer with what is
+    /// known.
+    CheckNowExpired(ClusterId, u64),
     /// Answers with the number of clusters, proof the registry is alive, or why it is not
     /// healthy: the last write to the database failed.
     Ping(RpcReplyPort<Result<usize, String>>),
@@ -206,6 +230,12 @@ pub struct RegistryState {
     views: ReadModel,
     /// Clusters last rendered as stale.
     stale_shown: HashSet<ClusterId>,
+    /// Settings changes per cluster, waiting or under way.
+    patches: HashMap<ClusterId, PatchQueue>,
+    /// Clients waiting for a check they asked for.
+    check_waiters: HashMap<ClusterId, supervision::CheckWaiters>,
+    /// Tells one round of asked-for checks from the next.
+    next_check_round: u64,
 }
 
 impl RegistryState {
@@ -217,6 +247,7 @@ impl RegistryState {
 
     fn name_taken(&self, name: &ClusterName) -> bool {
         self.names.contains(name)
+            || self.name_claimed_by_a_change(name)
             || self.pending.values().any(|p| &p.name == name)
             || self
                 .storing
@@ -257,6 +288,9 @@ impl Actor for RegistryActor {
             events: EventHub::new(),
             views: ReadModel::new(),
             stale_shown: HashSet::new(),
+            patches: HashMap::new(),
+            check_waiters: HashMap::new(),
+            next_check_round: 0,
         })
     }
 
@@ -278,7 +312,7 @@ impl Actor for RegistryActor {
             }
         }
         for id in ids {
-            spawn_monitor(&myself, state, id, None).await;
+            spawn_monitor(&myself, state, id, None, false).await;
         }
         myself.send_interval(FLUSH_INTERVAL, || RegistryMsg::Flush);
         myself.send_interval(STALE_SWEEP_INTERVAL, || RegistryMsg::SweepStale);
@@ -318,6 +352,22 @@ impl Actor for RegistryActor {
                 let _ = reply.send(state.clusters.get(&id).map(|c| c.view(stale_after)));
             }
             RegistryMsg::Delete(id, reply) => on_delete(&myself, state, id, reply),
+            RegistryMsg::Patch(id, patch, reply) => {
+                settings::on_patch(&myself, state, id, patch, reply);
+            }
+            RegistryMsg::PatchProbed(id, result) => {
+                settings::on_patch_probed(&myself, state, id, result);
+            }
+            RegistryMsg::PatchStored(id, result) => {
+                settings::on_patch_stored(&myself, state, id, result).await;
+            }
+            RegistryMsg::CheckNow(id, reply) => {
+                supervision::on_check_now(&myself, state, id, reply);
+            }
+            RegistryMsg::CheckNowDone(id) => supervision::answer_check_waiters(state, id, None),
+            RegistryMsg::CheckNowExpired(id, round) => {
+                supervision::answer_check_waiters(state, id, Some(round));
+            }
             RegistryMsg::Ping(reply) => {
                 let health = match state.writer.failure() {
                     None => Ok(state.clusters.len()),
@@ -355,7 +405,7 @@ impl Actor for RegistryActor {
             } => supervision::on_check_completed(state, cluster, generation, None, Some(members)),
             RegistryMsg::RestartMonitor(id) => {
                 if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
-                    spawn_monitor(&myself, state, id, None).await;
+                    spawn_monitor(&myself, state, id, None, false).await;
                 }
             }
             RegistryMsg::Flush => flush(state),
@@ -517,8 +567,9 @@ fn flush(state: &mut RegistryState) {
     let mut batch = WriteBatch::default();
     let mut held_back = HashSet::new();
     for id in std::mem::take(&mut state.dirty) {
-        // Kept for the next flush, in case the deletion fails and the cluster stays.
-        if state.deleting.contains_key(&id) {
+        // Kept for the next flush, in case the deletion fails and the cluster stays; or
+        // until a settings change is stored, which this record would otherwise undo.
+        if state.deleting.contains_key(&id) || state.change_being_stored(id) {
             held_back.insert(id);
             continue;
         }

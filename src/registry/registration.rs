@@ -10,11 +10,12 @@ use super::{
     NewCluster, RegistrationId, RegistryError, RegistryMsg, RegistryState, publish, render, writer,
 };
 use crate::cluster::{Cluster, ClusterRecord, ClusterView};
-use crate::domain::{ClusterId, ClusterName};
+use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint};
 use crate::events::EventKind;
 use crate::proxmox::members::{self, ChannelTrust, Member};
 use crate::proxmox::{ProbeReport, ProxmoxClient, ProxmoxError, Session};
 use crate::store::StoreError;
+use crate::tls::Fingerprint;
 
 /// A registration whose probe is running.
 pub(super) struct PendingRegistration {
@@ -42,28 +43,14 @@ pub(super) fn on_register(
         let _ = reply.send(Err(RegistryError::Conflict));
         return;
     }
-    let endpoint = request.endpoint.clone();
-    let timeout = state.settings.monitor.proxmox_timeout;
-    let trust = state.trust.clone();
-    let pin = request.fingerprint;
-    let credentials = request.credentials.clone();
-    let registry = myself.clone();
-    // A bound of its own, so a slow Proxmox reads as a timeout, not as an unresponsive
-    // registry.
-    let deadline = state.settings.monitor.registration_deadline();
-    let discover = state.settings.monitor.members.discovery;
-    // Even building the client (TLS configuration included) happens off the actor: reads
-    // must not queue behind a burst of registrations.
-    let probe = tokio::spawn(async move {
-        let probed = async {
-            let client = ProxmoxClient::new(endpoint, timeout, &trust, pin)?;
-            client.probe(&credentials, discover).await
-        };
-        let result = tokio::time::timeout(deadline, probed)
-            .await
-            .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
-        let _ = registry.cast(RegistryMsg::ProbeFinished(id, result));
-    });
+    let probe = spawn_probe(
+        myself,
+        state,
+        request.endpoint.clone(),
+        request.fingerprint,
+        request.credentials.clone(),
+        move |result| RegistryMsg::ProbeFinished(id, result),
+    );
     state.pending.insert(
         id,
         PendingRegistration {
@@ -73,6 +60,37 @@ pub(super) fn on_register(
             probe,
         },
     );
+}
+
+/// Probes `endpoint` as a registration does (login, version, status, members), in a task of
+/// its own under the registration deadline; `done` makes the registry's message of the result.
+pub(super) fn spawn_probe(
+    myself: &ActorRef<RegistryMsg>,
+    state: &RegistryState,
+    endpoint: Endpoint,
+    pin: Option<Fingerprint>,
+    credentials: Credentials,
+    done: impl FnOnce(Result<ProbeReport, ProxmoxError>) -> RegistryMsg + Send + 'static,
+) -> JoinHandle<()> {
+    let timeout = state.settings.monitor.proxmox_timeout;
+    let trust = state.trust.clone();
+    let registry = myself.clone();
+    // A bound of its own, so a slow Proxmox reads as a timeout, not as an unresponsive
+    // registry.
+    let deadline = state.settings.monitor.registration_deadline();
+    let discover = state.settings.monitor.members.discovery;
+    // Even building the client (TLS configuration included) happens off the actor: reads
+    // must not queue behind a burst of registrations.
+    tokio::spawn(async move {
+        let probed = async {
+            let client = ProxmoxClient::new(endpoint, timeout, &trust, pin)?;
+            client.probe(&credentials, discover).await
+        };
+        let result = tokio::time::timeout(deadline, probed)
+            .await
+            .unwrap_or(Err(ProxmoxError::Timeout(deadline)));
+        let _ = registry.cast(done(result));
+    })
 }
 
 pub(super) fn on_probe_finished(
@@ -121,7 +139,7 @@ fn store_registration(
         }
     };
     let (status, status_reason) = crate::cluster::assess(&report.status.health);
-    let members = registration_members(state, &request, &report);
+    let members = discovered_members(state, &request.endpoint, request.fingerprint, &report);
     let record = ClusterRecord {
         format: ClusterRecord::FORMAT,
         id,
@@ -189,15 +207,17 @@ pub(super) async fn on_registration_stored(
     state.clusters.insert(id, cluster);
     render(state, id, true);
     publish(state, EventKind::Registered, &view);
-    spawn_monitor(myself, state, id, Some(storing.session)).await;
+    spawn_monitor(myself, state, id, Some(storing.session), false).await;
     let _ = storing.reply.send(Ok(view));
 }
 
-/// The members a registration starts with: the discovered ones under the registration's
-/// trust, or what `/cluster/status` lists when discovery is off.
-fn registration_members(
+/// The members a probe of `endpoint` found (a registration's, or a settings change's):
+/// the discovered ones under the endpoint's trust, or what `/cluster/status` lists when
+/// discovery is off.
+pub(super) fn discovered_members(
     state: &RegistryState,
-    request: &NewCluster,
+    endpoint: &Endpoint,
+    fingerprint: Option<Fingerprint>,
     report: &ProbeReport,
 ) -> Vec<Member> {
     let local = report
@@ -205,16 +225,12 @@ fn registration_members(
         .local_node()
         .map(|n| n.name.clone())
         .unwrap_or_default();
-    let start = vec![Member::registered(&local, &request.endpoint)];
+    let start = vec![Member::registered(&local, endpoint)];
     let policy = &state.settings.monitor.members;
-    let trust = ChannelTrust::of(
-        &request.endpoint,
-        request.fingerprint,
-        state.trust.insecure_skip_verify(),
-    );
+    let trust = ChannelTrust::of(endpoint, fingerprint, state.trust.insecure_skip_verify());
     let mut list = match &report.discovery {
-        Some(discovery) => members::merge(&start, discovery, &request.endpoint, trust),
-        None => members::from_status(&start, &report.status, &request.endpoint),
+        Some(discovery) => members::merge(&start, discovery, endpoint, trust),
+        None => members::from_status(&start, &report.status, endpoint),
     };
     members::apply_online(&mut list, &report.status);
     for member in &mut list {

@@ -3,13 +3,13 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ractor::{Actor, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::{
-    FIRST_RESTART_DELAY, HEALTHY_PERIOD, MAX_RESTART_DELAY, RegistryMsg, RegistryState, publish,
-    render,
+    FIRST_RESTART_DELAY, HEALTHY_PERIOD, MAX_RESTART_DELAY, RegistryError, RegistryMsg,
+    RegistryState, publish, render,
 };
-use crate::cluster::{CheckOutcome, Cluster};
+use crate::cluster::{CheckOutcome, Cluster, ClusterView};
 use crate::domain::{ClusterId, ClusterStatus, StatusReason};
 use crate::events::EventKind;
 use crate::monitor::{MonitorActor, MonitorArgs, MonitorMsg};
@@ -139,6 +139,7 @@ pub(super) async fn spawn_monitor(
     state: &mut RegistryState,
     id: ClusterId,
     session: Option<Session>,
+    check_at_once: bool,
 ) {
     let Some(cluster) = state.clusters.get(&id) else {
         return;
@@ -157,6 +158,7 @@ pub(super) async fn spawn_monitor(
         session,
         settings: state.settings.monitor.clone(),
         registry: myself.clone(),
+        check_at_once,
     };
     match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
@@ -170,5 +172,75 @@ pub(super) async fn spawn_monitor(
             tracing::error!(cluster_id = %id, error = %e, "cannot start monitor; retrying");
             myself.send_after(MAX_RESTART_DELAY, move || RegistryMsg::RestartMonitor(id));
         }
+    }
+}
+
+/// Clients waiting for a check they asked for, and the round their deadline belongs to.
+pub(super) struct CheckWaiters {
+    replies: Vec<RpcReplyPort<Result<ClusterView, RegistryError>>>,
+    round: u64,
+}
+
+/// An operator asked for a check: the monitor runs one (or lets one in flight count), and
+/// every request that arrives meanwhile shares it.
+pub(super) fn on_check_now(
+    myself: &ActorRef<RegistryMsg>,
+    state: &mut RegistryState,
+    id: ClusterId,
+    reply: RpcReplyPort<Result<ClusterView, RegistryError>>,
+) {
+    if !state.clusters.contains_key(&id) || state.deleting.contains_key(&id) {
+        let _ = reply.send(Err(RegistryError::NotFound));
+        return;
+    }
+    if let Some(waiters) = state.check_waiters.get_mut(&id) {
+        waiters.replies.push(reply);
+        return;
+    }
+    let Some(monitor) = state.monitors.get(&id) else {
+        // Between a monitor's failure and its restart there is nobody to check; the restart
+        // checks soon enough, and the client hears what is known now.
+        let stale_after = state.stale_after();
+        let view = state.clusters.get(&id).map(|c| c.view(stale_after));
+        let _ = reply.send(view.ok_or(RegistryError::NotFound));
+        return;
+    };
+    if monitor
+        .actor
+        .cast(MonitorMsg::CheckNow(Instant::now()))
+        .is_err()
+    {
+        let _ = reply.send(Err(RegistryError::NotFound));
+        return;
+    }
+    state.next_check_round += 1;
+    let round = state.next_check_round;
+    state.check_waiters.insert(
+        id,
+        CheckWaiters {
+            replies: vec![reply],
+            round,
+        },
+    );
+    // A monitor busy with member maintenance takes longer; the client hears within the
+    // check deadline all the same.
+    let deadline = state.settings.monitor.check_deadline();
+    myself.send_after(deadline, move || RegistryMsg::CheckNowExpired(id, round));
+}
+
+/// Answers everyone waiting for a check of `id` with the cluster as it is now; with a
+/// `round`, only if the waiters are still that round's.
+pub(super) fn answer_check_waiters(state: &mut RegistryState, id: ClusterId, round: Option<u64>) {
+    let current = state.check_waiters.get(&id).map(|w| w.round);
+    if current.is_none() || round.is_some_and(|r| Some(r) != current) {
+        return;
+    }
+    let Some(waiters) = state.check_waiters.remove(&id) else {
+        return;
+    };
+    let stale_after = state.stale_after();
+    let view = state.clusters.get(&id).map(|c| c.view(stale_after));
+    for reply in waiters.replies {
+        let _ = reply.send(view.clone().ok_or(RegistryError::NotFound));
     }
 }

@@ -315,18 +315,26 @@ async fn bench_reads_writes_and_waits_against_a_bare_server() {
         .iter()
         .filter_map(|c| c["id"].as_str().map(str::to_owned))
         .collect();
+    // Two steps, so the figures separate what an open keep-alive connection costs (any polling
+    // client holds one) from what waiting on it adds.
     let rss_before = rss_kib(pid).unwrap_or(0);
+    let waiters = ids.len().min(10_000);
+    let connected = std::sync::Arc::new(tokio::sync::Barrier::new(waiters + 1));
+    let release = std::sync::Arc::new(tokio::sync::Barrier::new(waiters + 1));
     let mut parked = tokio::task::JoinSet::new();
-    for id in ids.iter().take(10_000) {
+    for id in ids.iter().take(waiters) {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()
             .expect("client");
         let url = app.api_url(&format!("/clusters/{id}"));
+        let (connected, release) = (connected.clone(), release.clone());
         parked.spawn(async move {
             let first = client.get(&url).send().await.expect("GET");
             let etag = first.headers().get("etag").cloned();
-            drop(first);
+            first.bytes().await.expect("body");
+            connected.wait().await;
+            release.wait().await;
             let Some(etag) = etag else { return };
             let _ = client
                 .get(format!("{url}?wait=5m"))
@@ -335,14 +343,19 @@ async fn bench_reads_writes_and_waits_against_a_bare_server() {
                 .await;
         });
     }
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    connected.wait().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_connected = rss_kib(pid).unwrap_or(0);
+    release.wait().await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
     let cpu_before = cpu_time(pid).unwrap_or_default();
     let rss_parked = rss_kib(pid).unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let cpu_parked = cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
     println!(
-        "10,000 parked blocking queries: RSS {rss_before} KiB before, {rss_parked} KiB parked (+{} KiB); daemon CPU over 10 s parked: {cpu_parked:?}",
-        rss_parked.saturating_sub(rss_before)
+        "{waiters} keep-alive connections: RSS {rss_before} KiB before, {rss_connected} KiB connected (+{} KiB); each then parks a blocking query: {rss_parked} KiB (+{} KiB for the waiting); daemon CPU over 10 s parked: {cpu_parked:?}",
+        rss_connected.saturating_sub(rss_before),
+        rss_parked.saturating_sub(rss_connected),
     );
     parked.abort_all();
 }
