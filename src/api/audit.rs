@@ -67,15 +67,9 @@ pub(super) struct AuditRecord<'a> {
 impl AuditRecord<'_> {
     pub(super) fn log(&self) {
         let client = super::auth::client_label(self.client);
-        let id = self
-            .subject
-            .and_then(|s| s.id)
-            .map(|id| id.to_string())
-            .unwrap_or_default();
-        let name = self
-            .subject
-            .and_then(|s| s.name.as_deref())
-            .unwrap_or_default();
+        // Unknown ones are left out of the line rather than shown empty.
+        let id = self.subject.and_then(|s| s.id).map(|id| id.to_string());
+        let name = self.subject.and_then(|s| s.name.as_deref());
         tracing::info!(
             target: "audit",
             token = self.caller,

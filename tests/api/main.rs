@@ -1,5 +1,6 @@
 //! Black-box tests of the `proxmoxer` daemon: one test binary, many modules.
 
+mod api_auth;
 mod bench;
 mod fake_pve;
 mod fake_pve_selftest;
