@@ -86,16 +86,6 @@ impl Keyring {
         Ok(keyring)
     }
 
-    /// An open API: no tokens file, no checks (for tests of the other layers).
-    pub fn open(listen: SocketAddr) -> Self {
-        Self {
-            current: RwLock::new(Arc::new(TokenSet::default())),
-            file: None,
-            listen,
-            allow_unauthenticated: true,
-        }
-    }
-
     fn check_policy(&self, tokens: &TokenSet) -> Result<(), AccessError> {
         if tokens.is_empty() && !is_loopback(&self.listen) && !self.allow_unauthenticated {
             return Err(AccessError::Unprotected {
@@ -177,6 +167,16 @@ enum Caller {
 }
 
 impl Caller {
+    fn may_write(&self) -> bool {
+        !matches!(
+            self,
+            Self::Token {
+                role: Role::Read,
+                ..
+            }
+        )
+    }
+
     fn name(&self) -> &str {
         match self {
             Self::Anonymous => ANONYMOUS,
@@ -266,15 +266,7 @@ pub(super) async fn guard(
         }
     };
 
-    if write
-        && matches!(
-            caller,
-            Caller::Token {
-                role: Role::Read,
-                ..
-            }
-        )
-    {
+    if write && !caller.may_write() {
         tracing::warn!(
             token = caller.name(),
             client = client_label(client),
