@@ -67,6 +67,10 @@ pub struct Config {
     pub member_discovery: bool,
     /// `proxmox.member_networks`: the only networks discovered members are contacted in.
     pub member_networks: Vec<Cidr>,
+    /// `api.tokens_file`: the API tokens; none means no token is configured.
+    pub api_tokens_file: Option<PathBuf>,
+    /// `api.allow_unauthenticated`: serve a non-loopback listener without tokens.
+    pub api_allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +82,14 @@ struct FileConfig {
     proxmox: ProxmoxSection,
     tls: TlsSection,
     log: LogSection,
+    api: ApiSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ApiSection {
+    tokens_file: Option<PathBuf>,
+    allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +264,14 @@ impl Config {
         if let Some(v) = env("PROXMOXER_TLS_INSECURE_SKIP_VERIFY") {
             raw.tls.insecure_skip_verify = parse_bool("PROXMOXER_TLS_INSECURE_SKIP_VERIFY", &v)?;
         }
+        let mut tokens_file_key = "api.tokens_file";
+        if let Some(v) = env("PROXMOXER_API_TOKENS_FILE") {
+            raw.api.tokens_file = Some(PathBuf::from(v));
+            tokens_file_key = "PROXMOXER_API_TOKENS_FILE";
+        }
+        if let Some(v) = env("PROXMOXER_API_ALLOW_UNAUTHENTICATED") {
+            raw.api.allow_unauthenticated = parse_bool("PROXMOXER_API_ALLOW_UNAUTHENTICATED", &v)?;
+        }
         let mut level_key = "log.level";
         if let Some(v) = env("PROXMOXER_LOG") {
             raw.log.level = v;
@@ -305,6 +325,18 @@ impl Config {
             .iter()
             .map(|net| Cidr::parse(net).map_err(|e| invalid(networks_key, e)))
             .collect::<Result<Vec<_>, _>>()?;
+        // An empty value is more likely a broken template than a wish to drop authentication.
+        if raw
+            .api
+            .tokens_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                tokens_file_key,
+                "must not be empty; leave it out to run without API tokens",
+            ));
+        }
         let key_file = match raw.storage.key_file {
             Some(path) if path.as_os_str().is_empty() => {
                 return Err(invalid("storage.key_file", "must not be empty"));
@@ -326,6 +358,8 @@ impl Config {
             tls_insecure_skip_verify: raw.tls.insecure_skip_verify,
             member_discovery: raw.monitor.member_discovery,
             member_networks,
+            api_tokens_file: raw.api.tokens_file,
+            api_allow_unauthenticated: raw.api.allow_unauthenticated,
         })
     }
 }
@@ -415,12 +449,36 @@ mod tests {
     }
 
     #[test]
-    fn the_example_file_matches_the_defaults() {
+    fn the_example_file_matches_the_defaults_but_for_the_tokens_file() {
         let example = include_str!("../config/proxmoxer.toml");
+        let mut shipped = load(Some(example), &[]).expect("example is valid");
+        // Installed, the API must not run open by accident; from a checkout, it may.
         assert_eq!(
-            load(Some(example), &[]).expect("example is valid"),
-            load(None, &[]).expect("defaults")
+            shipped.api_tokens_file.take(),
+            Some(PathBuf::from("/etc/proxmoxer/api-tokens"))
         );
+        assert_eq!(shipped, load(None, &[]).expect("defaults"));
+    }
+
+    #[test]
+    fn the_api_section_and_its_environment_overrides() {
+        let defaults = load(None, &[]).expect("defaults");
+        assert_eq!(defaults.api_tokens_file, None);
+        assert!(!defaults.api_allow_unauthenticated);
+        let file = "[api]\ntokens_file = \"/etc/a\"\nallow_unauthenticated = true\n";
+        let config = load(Some(file), &[]).expect("valid");
+        assert_eq!(config.api_tokens_file, Some(PathBuf::from("/etc/a")));
+        assert!(config.api_allow_unauthenticated);
+        let config = load(
+            Some(file),
+            &[
+                ("PROXMOXER_API_TOKENS_FILE", "/run/b"),
+                ("PROXMOXER_API_ALLOW_UNAUTHENTICATED", "false"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.api_tokens_file, Some(PathBuf::from("/run/b")));
+        assert!(!config.api_allow_unauthenticated);
     }
 
     #[test]
@@ -493,6 +551,17 @@ mod tests {
                 None,
                 &[("PROXMOXER_MONITOR_MEMBER_DISCOVERY", "maybe")],
                 "PROXMOXER_MONITOR_MEMBER_DISCOVERY",
+            ),
+            (
+                None,
+                &[("PROXMOXER_API_TOKENS_FILE", "")],
+                "PROXMOXER_API_TOKENS_FILE",
+            ),
+            (Some("[api]\ntokens_file = \"\"\n"), &[], "api.tokens_file"),
+            (
+                None,
+                &[("PROXMOXER_API_ALLOW_UNAUTHENTICATED", "maybe")],
+                "PROXMOXER_API_ALLOW_UNAUTHENTICATED",
             ),
         ];
         for (file, env, key) in cases {

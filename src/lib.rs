@@ -64,6 +64,9 @@ pub enum StartupError {
     Secrets(#[from] SecretsError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The API tokens file is missing or malformed, or the API would be open to the network.
+    #[error(transparent)]
+    Access(#[from] api::auth::AccessError),
     #[error(
         "the database holds encrypted credentials but the key file {0} is missing; restore the key \
          (a new key cannot decrypt them, so none is generated)"
@@ -85,16 +88,24 @@ pub enum StartupError {
 }
 
 /// Runs the daemon until `shutdown` completes, then drains in-flight requests (bounded by
-/// `shutdown_grace`), stops the monitors and persists the latest state.
+/// `shutdown_grace`), stops the monitors and persists the latest state. Each message on
+/// `reloads` re-reads the API tokens file.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), StartupError> {
     // A bad CA file is a configuration error: report it before creating a database or key.
     let trust = TrustAnchors::load(
         config.tls_ca_file.as_deref(),
         config.tls_insecure_skip_verify,
     )?;
+    // Before anything is created or bound: a typo in the tokens file must not open the API.
+    let keyring = Arc::new(api::auth::Keyring::load(
+        config.api_tokens_file.as_deref(),
+        config.listen,
+        config.api_allow_unauthenticated,
+    )?);
     let (store, vault, clusters) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_state(&config.database, &config.key_file))
@@ -151,13 +162,23 @@ pub async fn run(
         }
     };
     let addr = listener.local_addr().map_err(StartupError::Serve)?;
+    keyring.log_state();
     tracing::info!("listening on http://{addr}");
+    {
+        let keyring = Arc::clone(&keyring);
+        tokio::spawn(async move {
+            while reloads.recv().await.is_some() {
+                keyring.reload_and_log();
+            }
+        });
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::router(api::AppState {
         registry: registry.clone(),
         shutdown: stop_rx.clone(),
         metrics: metrics::Metrics::install(),
+        keyring,
     });
     tokio::spawn(async move {
         shutdown.await;
@@ -169,13 +190,22 @@ pub async fn run(
     }
     systemd::spawn_supervision(registry.clone(), stop_rx.clone());
     let mut graceful_rx = stop_rx.clone();
-    let serve = axum::serve(api::listener::ApiListener::new(listener), app)
-        .with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|stop| *stop).await;
-            systemd::stopping();
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .into_future();
+    // axum provides `ConnectInfo<SocketAddr>` (the client address in auth and audit lines) for
+    // listeners wrapped by `tap_io`; the tap itself does nothing.
+    let listener = axum::serve::ListenerExt::tap_io(
+        api::listener::ApiListener::new(listener),
+        |_: &mut api::listener::StallGuard<tokio::net::TcpStream>| {},
+    );
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = graceful_rx.wait_for(|stop| *stop).await;
+        systemd::stopping();
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .into_future();
     let mut deadline_rx = stop_rx;
     let grace = config.shutdown_grace;
     // Graceful shutdown waits for every connection, even one stuck mid-headers: bound it.

@@ -3,9 +3,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use proxmoxer::api::auth::Keyring;
+use proxmoxer::api::token_file::{self, Role, TokenSet};
 use proxmoxer::config::{Config, LogFormat};
 
 // Checks allocate and free connection buffers all day; mimalloc handles that churn with a
@@ -41,6 +43,57 @@ enum Command {
         /// Where to write it; an existing file is never overwritten.
         path: PathBuf,
     },
+    /// Manage the bearer tokens of the API. A running daemon picks up changes on SIGHUP.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Add a token and print its secret, once; only its hash is stored.
+    Add {
+        /// 1 to 64 characters out of A-Z, a-z, 0-9, `_`, `.` and `-`.
+        name: String,
+        /// `read`: GET and HEAD (reads, events, metrics); `admin`: everything.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// List the tokens' names and roles.
+    List {
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// Remove a token.
+    Remove {
+        /// The token's name.
+        name: String,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+}
+
+#[derive(Args)]
+struct TokensFileArg {
+    /// The API tokens file; default: the configuration's api.tokens_file.
+    #[arg(long, env = "PROXMOXER_API_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Read,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::Read => Role::Read,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -56,6 +109,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string()),
         },
+        Command::Token(command) => token(command, cli.config),
     }
 }
 
@@ -94,7 +148,9 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown =
             shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        proxmoxer::run(config, shutdown)
+        let reloads =
+            reload_requests().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        proxmoxer::run(config, shutdown, reloads)
             .await
             .map_err(|e| e.to_string())
     });
@@ -121,6 +177,17 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
         eprintln!("proxmoxer: {e}");
         return ExitCode::from(2);
     }
+    let keyring = match Keyring::load(
+        config.api_tokens_file.as_deref(),
+        config.listen,
+        config.api_allow_unauthenticated,
+    ) {
+        Ok(keyring) => keyring,
+        Err(e) => {
+            eprintln!("proxmoxer: {e}");
+            return ExitCode::from(2);
+        }
+    };
     println!("configuration is valid");
     println!("  listen            {}", config.listen);
     println!("  database          {}", config.database.display());
@@ -134,6 +201,20 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
         "  proxmox timeout   {}",
         humantime::format_duration(config.proxmox_timeout)
     );
+    let tokens = keyring.tokens().len();
+    match (&config.api_tokens_file, tokens) {
+        (Some(file), 1..) => println!(
+            "  api tokens        {tokens} from {}: every request but GET /health needs one",
+            file.display()
+        ),
+        (_, 0) if proxmoxer::api::auth::is_loopback(&config.listen) => {
+            println!("  api tokens        none: the API is open to local clients");
+        }
+        _ => println!(
+            "  api tokens        none: the API is open to anyone who can reach it \
+             (api.allow_unauthenticated)"
+        ),
+    }
     ExitCode::SUCCESS
 }
 
@@ -151,6 +232,81 @@ fn fingerprint(url: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// `--tokens-file`, else `PROXMOXER_API_TOKENS_FILE`, else the configuration's
+/// `api.tokens_file`.
+fn tokens_file(arg: TokensFileArg, config_path: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    if let Some(path) = arg.tokens_file {
+        return Ok(path);
+    }
+    let config = load_config(config_path)?;
+    config.api_tokens_file.ok_or_else(|| {
+        fail(
+            "no API tokens file: pass --tokens-file PATH, set PROXMOXER_API_TOKENS_FILE, or set \
+             api.tokens_file in the configuration given with --config",
+        )
+    })
+}
+
+fn token(command: TokenCommand, config_path: Option<PathBuf>) -> ExitCode {
+    match command {
+        TokenCommand::Add { name, role, file } => {
+            let path = match tokens_file(file, config_path) {
+                Ok(path) => path,
+                Err(code) => return code,
+            };
+            let role = Role::from(role);
+            match token_file::add(&path, &name, role) {
+                Ok(secret) => {
+                    eprintln!(
+                        "added token {name} ({role}) to {}; its secret, shown only this once:",
+                        path.display()
+                    );
+                    println!("{secret}");
+                    eprintln!(
+                        "a running daemon picks it up on SIGHUP (systemctl kill -s HUP proxmoxer)"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        TokenCommand::List { file } => {
+            let path = match tokens_file(file, config_path) {
+                Ok(path) => path,
+                Err(code) => return code,
+            };
+            match TokenSet::load(&path) {
+                Ok(tokens) => {
+                    let width = tokens.entries().iter().map(|e| e.name.len()).max();
+                    for entry in tokens.entries() {
+                        let width = width.unwrap_or_default();
+                        println!("{:<width$}  {}", entry.name, entry.role);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        TokenCommand::Remove { name, file } => {
+            let path = match tokens_file(file, config_path) {
+                Ok(path) => path,
+                Err(code) => return code,
+            };
+            match token_file::remove(&path, &name) {
+                Ok(()) => {
+                    eprintln!(
+                        "removed token {name} from {}; a running daemon drops it on SIGHUP \
+                         (systemctl kill -s HUP proxmoxer)",
+                        path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
     }
 }
 
@@ -192,4 +348,19 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => {},
         }
     })
+}
+
+/// One message per SIGHUP (several before the first is handled count once). Installed before
+/// the daemon starts, so a SIGHUP during start-up is not the default action: termination.
+fn reload_requests() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (requests, received) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // Full means a reload is already pending; it will read the newest file.
+            let _ = requests.try_send(());
+        }
+    });
+    Ok(received)
 }

@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::audit::AuditSubject;
 use super::openapi::{ClusterList, ErrorBody, HistoryList, RegisterRequest};
 use super::{ApiError, AppState, REGISTRY_CALL_TIMEOUT_MS, ask, registry_unavailable};
 use crate::cluster::ClusterView;
@@ -490,12 +491,19 @@ fn parse_statuses(raw: &str) -> Result<Vec<ClusterStatus>, ApiError> {
 pub(super) async fn clusters_delete(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<StatusCode, ApiError> {
-    let id = parse_cluster_id(id)?;
+) -> Response {
+    let id = match parse_cluster_id(id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let registry = &state.registry;
+    let subject = AuditSubject::lookup(registry, id).await;
     // Like a registration, a deletion waits for its durable commit, however slow the disk.
-    ractor::call!(registry, RegistryMsg::Delete, id).map_err(registry_unavailable)??;
-    Ok(StatusCode::NO_CONTENT)
+    let deleted = match ractor::call!(registry, RegistryMsg::Delete, id) {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(registry_unavailable(e)),
+    };
+    subject.tag(deleted.map(|()| StatusCode::NO_CONTENT))
 }
 
 /// Register a cluster. Proxmox is probed (login, version, cluster status) before anything is
@@ -518,9 +526,22 @@ pub(super) async fn clusters_delete(
 pub(super) async fn clusters_create(
     State(state): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let mut subject = AuditSubject::default();
+    let answer = register_cluster(&state, body, &mut subject).await;
+    subject.tag(answer)
+}
+
+/// Registers the cluster `body` describes; `subject` learns its name and id as they become
+/// known, for the audit line.
+async fn register_cluster(
+    state: &AppState,
+    body: Result<Json<Value>, JsonRejection>,
+    subject: &mut AuditSubject,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let request = parse_registration(body)?;
+    subject.name = Some(request.name.to_string());
     let registration = RegistrationId::new_v4();
     // If the client goes away, this handler is dropped mid-await: the guard then tells the
     // registry to drop the reservation and the probe.
@@ -534,6 +555,7 @@ pub(super) async fn clusters_create(
     let registry = &state.registry;
     let view = ractor::call!(registry, RegistryMsg::Register, registration, request)
         .map_err(registry_unavailable)??;
+    *subject = AuditSubject::of(&view);
     let location = HeaderValue::from_str(&format!("/api/v1/clusters/{}", view.id))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((

@@ -6,7 +6,7 @@ use std::fmt;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -41,6 +41,10 @@ pub enum ApiError {
     Unavailable { reason: String },
     /// Proxmox could not be reached or did not answer like Proxmox.
     BadGateway { details: Value },
+    /// The API needs a bearer token and the request has none, or an unknown one.
+    AuthenticationRequired,
+    /// A valid token with the read role asked for a write.
+    AdminRoleRequired,
 }
 
 /// One row of the error table: what a client sees for one variant.
@@ -107,6 +111,16 @@ impl ApiError {
                 "BadGateway",
                 "Failed to connect to Proxmox",
             ),
+            Self::AuthenticationRequired => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Authentication required",
+            ),
+            Self::AdminRoleRequired => (
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "Token lacks the admin role",
+            ),
         };
         Answer {
             status,
@@ -127,6 +141,7 @@ impl ApiError {
             | Self::Conflict { details }
             | Self::BadGateway { details } => details.clone(),
             Self::Unavailable { reason } => json!({ "reason": reason }),
+            Self::AuthenticationRequired | Self::AdminRoleRequired => json!({}),
             _ => Value::Null,
         }
     }
@@ -163,7 +178,14 @@ impl IntoResponse for ApiError {
             "message": message,
             "details": self.details(),
         });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::AuthenticationRequired) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="proxmoxer""#),
+            );
+        }
+        response
     }
 }
 
@@ -266,9 +288,11 @@ mod tests {
             ApiError::Internal(_) => 9,
             ApiError::Unavailable { .. } => 10,
             ApiError::BadGateway { .. } => 11,
+            ApiError::AuthenticationRequired => 12,
+            ApiError::AdminRoleRequired => 13,
         }
     }
-    const VARIANTS: usize = 12;
+    const VARIANTS: usize = 14;
 
     /// One error of every variant, with the status and code the v1 contract gives it (the
     /// specification and the README's error table).
@@ -335,6 +359,16 @@ mod tests {
                 },
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
+            ),
+            (
+                ApiError::AuthenticationRequired,
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+            ),
+            (
+                ApiError::AdminRoleRequired,
+                StatusCode::FORBIDDEN,
+                "Forbidden",
             ),
         ]
     }

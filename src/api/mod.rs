@@ -1,11 +1,14 @@
 //! The REST API. Handlers validate input, send the registry one message, await its reply
 //! with a deadline, and render the answer; they never touch the store or Proxmox.
 
+pub mod audit;
+pub mod auth;
 mod clusters;
 mod error;
 mod events;
 pub mod listener;
 pub mod openapi;
+pub mod token_file;
 
 use std::time::Instant;
 
@@ -37,6 +40,8 @@ pub struct AppState {
     /// Turns true when the daemon stops, ending event streams so shutdown is not held open.
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<crate::metrics::Metrics>,
+    /// The API tokens in force; see [`auth`].
+    pub keyring: std::sync::Arc<auth::Keyring>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -66,6 +71,11 @@ pub fn router(state: AppState) -> Router {
             |_: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("a request handler panicked".into()).into_response()
             },
+        ))
+        // Around every route and both fallbacks: an unknown path needs a token too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.keyring.clone(),
+            auth::guard,
         ))
         // Outermost, so even a request whose handler panicked is logged, counted and tagged.
         .layer(axum::middleware::from_fn(observe))

@@ -53,6 +53,7 @@ const CONFIG_FILE: &str = "proxmoxer.toml";
 const LISTENING_MARKER: &str = "listening on http://";
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const DEFAULT_RUST_LOG: &str = "info,proxmoxer=debug";
+const API_TOKENS_FILE: &str = "api-tokens";
 
 /// A running `proxmoxer` daemon.
 pub struct TestApp {
@@ -73,6 +74,7 @@ pub struct TestAppBuilder {
     data_dir: Arc<TempDir>,
     env: BTreeMap<String, String>,
     removed_env: BTreeSet<String>,
+    bearer: Option<String>,
 }
 
 impl TestApp {
@@ -102,6 +104,7 @@ impl TestApp {
             data_dir: Arc::clone(&self.data_dir),
             env: self.env.clone(),
             removed_env: self.removed_env.clone(),
+            bearer: None,
         }
     }
 
@@ -227,6 +230,16 @@ impl TestApp {
         self.process.as_ref().map(|process| process.child.id())
     }
 
+    /// Sends SIGHUP: the daemon re-reads its API tokens file.
+    pub fn sighup(&self) {
+        let pid = self.pid().expect("sighup: the daemon was never started");
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill -HUP");
+        assert!(status.success(), "kill -HUP {pid} failed with {status}");
+    }
+
     /// Whether the daemon process is still alive.
     pub fn is_running(&mut self) -> bool {
         self.process
@@ -327,7 +340,31 @@ impl TestAppBuilder {
             data_dir,
             env,
             removed_env: BTreeSet::new(),
+            bearer: None,
         }
+    }
+
+    /// `<data dir>/api-tokens`, where [`Self::api_token`] keeps its tokens.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.data_dir.path().join(API_TOKENS_FILE)
+    }
+
+    /// Adds an API token with `role` (`read` or `admin`) to [`Self::tokens_file`] through
+    /// `proxmoxer token add`, points `PROXMOXER_API_TOKENS_FILE` at the file, and returns the
+    /// token's secret.
+    pub fn api_token(self, name: &str, role: &str) -> (Self, String) {
+        let path = self.tokens_file();
+        let secret = add_api_token(&path, name, role);
+        (
+            self.env("PROXMOXER_API_TOKENS_FILE", path.display().to_string()),
+            secret,
+        )
+    }
+
+    /// Makes [`TestApp::client`] send `Authorization: Bearer <secret>` with every request.
+    pub fn bearer(mut self, secret: &str) -> Self {
+        self.bearer = Some(secret.to_owned());
+        self
     }
 
     /// Sets an environment variable for the daemon, replacing a default.
@@ -360,13 +397,7 @@ impl TestAppBuilder {
     /// if it exits first or takes longer than [`SPAWN_TIMEOUT`].
     pub async fn spawn(self) -> TestApp {
         let (process, addr) = start_and_wait(&self.env, &self.removed_env, "").await;
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("build the test HTTP client");
+        let client = test_client(self.bearer.as_deref());
         TestApp {
             addr,
             client,
@@ -416,6 +447,63 @@ pub async fn wait_until(mut condition: impl AsyncFnMut() -> bool, timeout: Durat
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// A client like [`TestApp::client`]: no redirects followed, no proxy, bounded timeouts; with
+/// `bearer`, every request carries `Authorization: Bearer <bearer>`.
+pub fn test_client(bearer: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(secret) = bearer {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+            .expect("a secret is a valid header value");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .build()
+        .expect("build the test HTTP client")
+}
+
+/// The `proxmoxer` binary with none of the developer's `PROXMOXER_*` settings, e.g. for its
+/// subcommands.
+pub fn proxmoxer_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_proxmoxer"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PROXMOXER_") {
+            command.env_remove(&key);
+        }
+    }
+    for key in ["NOTIFY_SOCKET", "RUST_LOG", "CREDENTIALS_DIRECTORY"] {
+        command.env_remove(key);
+    }
+    command
+}
+
+/// `proxmoxer token add NAME --role ROLE --tokens-file PATH`, which must succeed; returns the
+/// secret it printed.
+pub fn add_api_token(path: &Path, name: &str, role: &str) -> String {
+    let output = proxmoxer_command()
+        .args(["token", "add", name, "--role", role, "--tokens-file"])
+        .arg(path)
+        .output()
+        .expect("run proxmoxer token add");
+    assert!(
+        output.status.success(),
+        "token add {name} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let secret = String::from_utf8(output.stdout)
+        .expect("the secret is UTF-8")
+        .trim()
+        .to_owned();
+    assert!(secret.starts_with("pmx_"), "a secret: {secret:?}");
+    secret
 }
 
 // --- daemons and fakes --------------------------------------------------------------------------

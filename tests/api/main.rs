@@ -1,5 +1,6 @@
 //! Black-box tests of the `proxmoxer` daemon: one test binary, many modules.
 
+mod api_auth;
 mod bench;
 mod day2;
 mod fake_pve;
