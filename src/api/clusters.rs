@@ -587,16 +587,31 @@ pub(super) async fn clusters_patch(
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    let id = parse_cluster_id(id)?;
-    patch_media_type(&headers)?;
+) -> Response {
+    let id = match parse_cluster_id(id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let mut subject = AuditSubject::lookup(&state.registry, id).await;
+    let answer = change_cluster(&state, id, &headers, body).await;
+    if let Ok(view) = &answer {
+        subject = AuditSubject::of(view);
+    }
+    subject.tag(answer.map(Json))
+}
+
+async fn change_cluster(
+    state: &AppState,
+    id: ClusterId,
+    headers: &HeaderMap,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<ClusterView, ApiError> {
+    patch_media_type(headers)?;
     let Json(body) = body?;
     let patch = parse_patch(body)?;
     let registry = &state.registry;
     // Like a registration: the registry bounds the probe, and the disk decides the rest.
-    let view =
-        ractor::call!(registry, RegistryMsg::Patch, id, patch).map_err(registry_unavailable)??;
-    Ok(Json(view).into_response())
+    Ok(ractor::call!(registry, RegistryMsg::Patch, id, patch).map_err(registry_unavailable)??)
 }
 
 /// Check a cluster now, through its monitor, and answer with the cluster after the check,
@@ -604,13 +619,25 @@ pub(super) async fn clusters_patch(
 pub(super) async fn clusters_check(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let id = parse_cluster_id(id)?;
+) -> Response {
+    let id = match parse_cluster_id(id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let registry = &state.registry;
     // The registry answers within the check deadline.
-    let view =
-        ractor::call!(registry, RegistryMsg::CheckNow, id).map_err(registry_unavailable)??;
-    Ok(Json(view).into_response())
+    let answer = match ractor::call!(registry, RegistryMsg::CheckNow, id) {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(registry_unavailable(e)),
+    };
+    let subject = match &answer {
+        Ok(view) => AuditSubject::of(view),
+        Err(_) => AuditSubject {
+            id: Some(id),
+            name: None,
+        },
+    };
+    subject.tag(answer.map(Json))
 }
 
 /// A cluster's recent status transitions, newest first.
