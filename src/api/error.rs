@@ -35,6 +35,9 @@ pub enum ApiError {
     PayloadTooLarge,
     /// A body that is not declared as `application/json`.
     UnsupportedMediaType,
+    /// The client took longer than `server.header_timeout` to send a request's headers, or
+    /// `server.request_timeout` to send its body; the connection is closed after this answer.
+    RequestTimeout,
     /// The cause is logged, never sent: it may name paths or internals.
     Internal(String),
     /// The registry did not answer, or database writes are failing; `reason` says which.
@@ -92,6 +95,11 @@ impl ApiError {
                 "UnsupportedMediaType",
                 "Content-Type must be application/json",
             ),
+            Self::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                "Request took too long to arrive",
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalServerError",
@@ -127,6 +135,7 @@ impl ApiError {
             | Self::Conflict { details }
             | Self::BadGateway { details } => details.clone(),
             Self::Unavailable { reason } => json!({ "reason": reason }),
+            Self::RequestTimeout => json!({}),
             _ => Value::Null,
         }
     }
@@ -265,9 +274,10 @@ mod tests {
             ApiError::Internal(_) => 9,
             ApiError::Unavailable { .. } => 10,
             ApiError::BadGateway { .. } => 11,
+            ApiError::RequestTimeout => 12,
         }
     }
-    const VARIANTS: usize = 12;
+    const VARIANTS: usize = 13;
 
     /// One error of every variant, with the status and code the v1 contract gives it (the
     /// specification and the README's error table).
@@ -334,6 +344,11 @@ mod tests {
                 },
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
+            ),
+            (
+                ApiError::RequestTimeout,
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
             ),
         ]
     }
