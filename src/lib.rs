@@ -15,6 +15,7 @@
 //! - [`secrets`]: the AEAD envelope and key file for stored credentials.
 //! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
 //! - [`systemd`]: readiness, status line and watchdog.
+//! - [`limits`]: the open-files limit, shared between API connections and monitors.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod proxmox;
@@ -32,7 +34,7 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -90,6 +92,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    let open_files = limits::raise_open_files_limit();
     // A bad CA file is a configuration error: report it before creating a database or key.
     let trust = TrustAnchors::load(
         config.tls_ca_file.as_deref(),
@@ -106,6 +109,8 @@ pub async fn run(
         clusters = clusters.len(),
         "database opened"
     );
+    let budget = limits::FileBudget::new(open_files, config.max_connections);
+    log_file_budget(&budget, config.max_connections, clusters.len());
 
     if config.proxmox_timeout < MIN_SENSIBLE_PROXMOX_TIMEOUT {
         tracing::warn!(
@@ -161,6 +166,8 @@ pub async fn run(
     });
     tokio::spawn(async move {
         shutdown.await;
+        systemd::stopping();
+        tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
     match ractor::call_t!(registry, registry::RegistryMsg::Snapshot, 5_000) {
@@ -168,14 +175,16 @@ pub async fn run(
         Err(e) => return Err(StartupError::Registry(e.to_string())),
     }
     systemd::spawn_supervision(registry.clone(), stop_rx.clone());
-    let mut graceful_rx = stop_rx.clone();
-    let serve = axum::serve(api::listener::ApiListener::new(listener), app)
-        .with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|stop| *stop).await;
-            systemd::stopping();
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .into_future();
+    let serve = api::listener::serve(
+        api::listener::ApiListener::new(listener),
+        app,
+        api::listener::ConnectionLimits {
+            max_connections: budget.api_connections,
+            header_timeout: config.header_timeout,
+            request_timeout: config.request_timeout,
+        },
+        stop_rx.clone(),
+    );
     let mut deadline_rx = stop_rx;
     let grace = config.shutdown_grace;
     // Graceful shutdown waits for every connection, even one stuck mid-headers: bound it.
@@ -185,7 +194,7 @@ pub async fn run(
     };
     let mut registry_task = registry_task;
     let served = tokio::select! {
-        result = serve => result.map_err(StartupError::Serve),
+        () = serve => Ok(()),
         () = deadline => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
             Ok(())
@@ -201,6 +210,45 @@ pub async fn run(
     let _ = registry_task.await;
     tracing::info!("stopped");
     served
+}
+
+/// Says at start what the open-files limit allows, and warns when it is too low for the
+/// configuration or for the clusters already registered.
+fn log_file_budget(budget: &limits::FileBudget, max_connections: usize, registered: usize) {
+    tracing::info!(
+        open_files = budget.limit,
+        api_connections = budget.api_connections,
+        clusters = budget.clusters,
+        "open-files limit {}: up to {} API connections and about {} clusters ({} descriptors \
+         reserved, one per API connection, one per cluster while its check runs)",
+        budget.limit,
+        budget.api_connections,
+        budget.clusters,
+        limits::RESERVED_FILES,
+    );
+    if budget.lowered {
+        tracing::warn!(
+            open_files = budget.limit,
+            max_connections,
+            api_connections = budget.api_connections,
+            "the open-files limit {} cannot hold server.max_connections = {max_connections} and \
+             leave room for the connections to Proxmox: serving at most {} API connections; \
+             raise the limit (LimitNOFILE= in the unit, ulimit -n) or lower server.max_connections",
+            budget.limit,
+            budget.api_connections,
+        );
+    }
+    if u64::try_from(registered).unwrap_or(u64::MAX) > budget.clusters {
+        tracing::warn!(
+            open_files = budget.limit,
+            registered,
+            "{registered} clusters are registered but the open-files limit {} leaves room for \
+             about {}: checks may fail for want of file descriptors; raise the limit or lower \
+             server.max_connections",
+            budget.limit,
+            budget.clusters,
+        );
+    }
 }
 
 /// Opens the store, unlocks the key and decrypts every stored credential, failing before
