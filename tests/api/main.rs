@@ -1,6 +1,7 @@
 //! Black-box tests of the `proxmoxer` daemon: one test binary, many modules.
 
 mod bench;
+mod connections;
 mod fake_pve;
 mod fake_pve_selftest;
 mod helpers;
