@@ -398,7 +398,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
+
+    /// Serves `app` on a loopback port until the returned sender says stop.
+    async fn serve_on_loopback(
+        app: Router,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+        };
+        let server = tokio::spawn(serve(ApiListener::new(listener), app, limits, stop_rx));
+        (addr, stop_tx, server)
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_client_address_and_stopping_ends_the_server() {
+        let app = Router::new().route(
+            "/peer",
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                peer.to_string()
+            }),
+        );
+        let (addr, stop, server) = serve_on_loopback(app).await;
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let local = client.local_addr().expect("client address");
+        client
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let mut response = String::new();
+        client
+            .read_to_string(&mut response)
+            .await
+            .expect("read the response");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with(&local.to_string()), "{response}");
+
+        // An idle connection does not hold the server up once it stops.
+        let _idle = TcpStream::connect(addr).await.expect("connect");
+        stop.send(true).expect("the server listens for stop");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server ends once its connections have")
+            .expect("the server task did not panic");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_stops_reading_fails_the_write_after_the_limit() {

@@ -260,6 +260,11 @@ async fn beyond_max_connections_clients_wait_for_a_slot_while_open_event_streams
         "only {waited} of {STALLED} clients waited for a slot; {MAX_CONNECTIONS} slots, \
          {EVENT_STREAMS} held by event streams"
     );
+    assert!(
+        app.logs()
+            .contains("every API connection slot is taken; new connections wait"),
+        "the operator is told the limit was reached"
+    );
     let (status, _) = json_of(app.get_health().await).await;
     assert_eq!(status, StatusCode::OK);
 }
