@@ -110,7 +110,7 @@ pub async fn run(
         "database opened"
     );
     let budget = limits::FileBudget::new(open_files, config.max_connections);
-    log_file_budget(&budget, config.max_connections, clusters.len());
+    budget.log(config.max_connections, clusters.len());
 
     if config.proxmox_timeout < MIN_SENSIBLE_PROXMOX_TIMEOUT {
         tracing::warn!(
@@ -210,45 +210,6 @@ pub async fn run(
     let _ = registry_task.await;
     tracing::info!("stopped");
     served
-}
-
-/// Says at start what the open-files limit allows, and warns when it is too low for the
-/// configuration or for the clusters already registered.
-fn log_file_budget(budget: &limits::FileBudget, max_connections: usize, registered: usize) {
-    tracing::info!(
-        open_files = budget.limit,
-        api_connections = budget.api_connections,
-        clusters = budget.clusters,
-        "open-files limit {}: up to {} API connections and about {} clusters ({} descriptors \
-         reserved, one per API connection, one per cluster while its check runs)",
-        budget.limit,
-        budget.api_connections,
-        budget.clusters,
-        limits::RESERVED_FILES,
-    );
-    if budget.lowered {
-        tracing::warn!(
-            open_files = budget.limit,
-            max_connections,
-            api_connections = budget.api_connections,
-            "the open-files limit {} cannot hold server.max_connections = {max_connections} and \
-             leave room for the connections to Proxmox: serving at most {} API connections; \
-             raise the limit (LimitNOFILE= in the unit, ulimit -n) or lower server.max_connections",
-            budget.limit,
-            budget.api_connections,
-        );
-    }
-    if u64::try_from(registered).unwrap_or(u64::MAX) > budget.clusters {
-        tracing::warn!(
-            open_files = budget.limit,
-            registered,
-            "{registered} clusters are registered but the open-files limit {} leaves room for \
-             about {}: checks may fail for want of file descriptors; raise the limit or lower \
-             server.max_connections",
-            budget.limit,
-            budget.clusters,
-        );
-    }
 }
 
 /// Opens the store, unlocks the key and decrypts every stored credential, failing before

@@ -87,6 +87,45 @@ impl FileBudget {
             lowered,
         }
     }
+
+    /// Says at start what the open-files limit allows, and warns when it is too low for the
+    /// configuration or for the clusters already registered.
+    pub fn log(&self, max_connections: usize, registered: usize) {
+        tracing::info!(
+            open_files = self.limit,
+            api_connections = self.api_connections,
+            clusters = self.clusters,
+            "open-files limit {}: up to {} API connections and about {} clusters ({} descriptors \
+             reserved, one per API connection, one per cluster while its check runs)",
+            self.limit,
+            self.api_connections,
+            self.clusters,
+            RESERVED_FILES,
+        );
+        if self.lowered {
+            tracing::warn!(
+                open_files = self.limit,
+                max_connections,
+                api_connections = self.api_connections,
+                "the open-files limit {} cannot hold server.max_connections = {max_connections} and \
+                 leave room for the connections to Proxmox: serving at most {} API connections; \
+                 raise the limit (LimitNOFILE= in the unit, ulimit -n) or lower server.max_connections",
+                self.limit,
+                self.api_connections,
+            );
+        }
+        if u64::try_from(registered).unwrap_or(u64::MAX) > self.clusters {
+            tracing::warn!(
+                open_files = self.limit,
+                registered,
+                "{registered} clusters are registered but the open-files limit {} leaves room for \
+                 about {}: checks may fail for want of file descriptors; raise the limit or lower \
+                 server.max_connections",
+                self.limit,
+                self.clusters,
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -191,6 +191,10 @@ async fn thousands_of_stalled_clients_leave_the_api_and_the_monitors_working_and
     }
     let (status, _) = json_of(app.get_health().await).await;
     assert_eq!(status, StatusCode::OK);
+    assert!(
+        app.logs().contains("up to 3100 API connections and about"),
+        "the start-up log says what the open-files limit allows"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
