@@ -23,6 +23,12 @@ pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 pub const DEFAULT_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10);
 /// `server.shutdown_grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// `server.header_timeout`: a request's headers are a few hundred bytes.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server.request_timeout`: registration bodies are a few hundred bytes too.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 /// `log.level`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Clusters are watched through all their members unless this is turned off.
@@ -54,6 +60,12 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
+    /// `server.header_timeout`: how long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// `server.request_timeout`: how long a client may take to send a request's body.
+    pub request_timeout: Duration,
+    /// `server.max_connections`: API connections served at once.
+    pub max_connections: usize,
     pub database: PathBuf,
     pub key_file: PathBuf,
     pub monitor_interval: Duration,
@@ -105,6 +117,11 @@ struct ServerSection {
     listen: String,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Default for ServerSection {
@@ -112,6 +129,9 @@ impl Default for ServerSection {
         Self {
             listen: DEFAULT_LISTEN.to_owned(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -319,6 +339,22 @@ impl Config {
             "server.shutdown_grace",
             MAX_SHUTDOWN_GRACE,
         )?;
+        check_range(
+            &raw.server.header_timeout,
+            "server.header_timeout",
+            MAX_HEADER_TIMEOUT,
+        )?;
+        check_range(
+            &raw.server.request_timeout,
+            "server.request_timeout",
+            MAX_REQUEST_TIMEOUT,
+        )?;
+        if !(1..=MAX_CONNECTIONS).contains(&raw.server.max_connections) {
+            return Err(invalid(
+                "server.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
         let member_networks = raw
             .proxmox
             .member_networks
@@ -347,6 +383,9 @@ impl Config {
         Ok(Self {
             listen,
             shutdown_grace: raw.server.shutdown_grace,
+            header_timeout: raw.server.header_timeout,
+            request_timeout: raw.server.request_timeout,
+            max_connections: raw.server.max_connections,
             database: raw.storage.database,
             key_file,
             monitor_interval: raw.monitor.interval,
@@ -384,6 +423,12 @@ fn default_key_file(database: &Path, credentials_dir: Option<String>) -> PathBuf
 const MAX_MONITOR_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_PROXMOX_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(60 * 60);
+/// Longer than any client needs, short enough that a stalled client cannot hold a connection
+/// for long.
+const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Linux's default ceiling on open files per process (`fs.nr_open`).
+const MAX_CONNECTIONS: usize = 1 << 20;
 
 fn check_range(value: &Duration, key: &str, max: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
@@ -537,6 +582,21 @@ mod tests {
             ),
             (Some("[monitor]\ninterval = 5\n"), &[], "interval"),
             (Some("[monitr]\n"), &[], "monitr"),
+            (
+                Some("[server]\nheader_timeout = \"0s\"\n"),
+                &[],
+                "server.header_timeout",
+            ),
+            (
+                Some("[server]\nrequest_timeout = \"2h\"\n"),
+                &[],
+                "server.request_timeout",
+            ),
+            (
+                Some("[server]\nmax_connections = 0\n"),
+                &[],
+                "server.max_connections",
+            ),
             (
                 None,
                 &[("PROXMOXER_PROXMOX_MEMBER_NETWORKS", "127.0.0.0/8,lan")],

@@ -15,6 +15,7 @@
 //! - [`secrets`]: the AEAD envelope and key file for stored credentials.
 //! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
 //! - [`systemd`]: readiness, status line and watchdog.
+//! - [`limits`]: the open-files limit, shared between API connections and monitors.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod proxmox;
@@ -32,7 +34,7 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -95,6 +97,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), StartupError> {
+    let open_files = limits::raise_open_files_limit();
     // A bad CA file is a configuration error: report it before creating a database or key.
     let trust = TrustAnchors::load(
         config.tls_ca_file.as_deref(),
@@ -117,6 +120,8 @@ pub async fn run(
         clusters = clusters.len(),
         "database opened"
     );
+    let budget = limits::FileBudget::new(open_files, config.max_connections);
+    budget.log(config.max_connections, clusters.len());
 
     if config.proxmox_timeout < MIN_SENSIBLE_PROXMOX_TIMEOUT {
         tracing::warn!(
@@ -182,6 +187,8 @@ pub async fn run(
     });
     tokio::spawn(async move {
         shutdown.await;
+        systemd::stopping();
+        tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
     match ractor::call_t!(registry, registry::RegistryMsg::Snapshot, 5_000) {
@@ -189,23 +196,16 @@ pub async fn run(
         Err(e) => return Err(StartupError::Registry(e.to_string())),
     }
     systemd::spawn_supervision(registry.clone(), stop_rx.clone());
-    let mut graceful_rx = stop_rx.clone();
-    // axum provides `ConnectInfo<SocketAddr>` (the client address in auth and audit lines) for
-    // listeners wrapped by `tap_io`; the tap itself does nothing.
-    let listener = axum::serve::ListenerExt::tap_io(
+    let serve = api::listener::serve(
         api::listener::ApiListener::new(listener),
-        |_: &mut api::listener::StallGuard<tokio::net::TcpStream>| {},
+        app,
+        api::listener::ConnectionLimits {
+            max_connections: budget.api_connections,
+            header_timeout: config.header_timeout,
+            request_timeout: config.request_timeout,
+        },
+        stop_rx.clone(),
     );
-    let serve = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = graceful_rx.wait_for(|stop| *stop).await;
-        systemd::stopping();
-        tracing::info!("shutting down: finishing in-flight requests");
-    })
-    .into_future();
     let mut deadline_rx = stop_rx;
     let grace = config.shutdown_grace;
     // Graceful shutdown waits for every connection, even one stuck mid-headers: bound it.
@@ -215,7 +215,7 @@ pub async fn run(
     };
     let mut registry_task = registry_task;
     let served = tokio::select! {
-        result = serve => result.map_err(StartupError::Serve),
+        () = serve => Ok(()),
         () = deadline => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
             Ok(())

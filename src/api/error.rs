@@ -35,6 +35,9 @@ pub enum ApiError {
     PayloadTooLarge,
     /// A body that is not declared as `application/json`.
     UnsupportedMediaType,
+    /// The client took longer than `server.header_timeout` to send a request's headers, or
+    /// `server.request_timeout` to send its body; the connection is closed after this answer.
+    RequestTimeout,
     /// The cause is logged, never sent: it may name paths or internals.
     Internal(String),
     /// The registry did not answer, or database writes are failing; `reason` says which.
@@ -96,6 +99,11 @@ impl ApiError {
                 "UnsupportedMediaType",
                 "Content-Type must be application/json",
             ),
+            Self::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                "Request took too long to arrive",
+            ),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalServerError",
@@ -141,7 +149,9 @@ impl ApiError {
             | Self::Conflict { details }
             | Self::BadGateway { details } => details.clone(),
             Self::Unavailable { reason } => json!({ "reason": reason }),
-            Self::AuthenticationRequired | Self::AdminRoleRequired => json!({}),
+            Self::AuthenticationRequired | Self::AdminRoleRequired | Self::RequestTimeout => {
+                json!({})
+            }
             _ => Value::Null,
         }
     }
@@ -290,9 +300,10 @@ mod tests {
             ApiError::BadGateway { .. } => 11,
             ApiError::AuthenticationRequired => 12,
             ApiError::AdminRoleRequired => 13,
+            ApiError::RequestTimeout => 14,
         }
     }
-    const VARIANTS: usize = 14;
+    const VARIANTS: usize = 15;
 
     /// One error of every variant, with the status and code the v1 contract gives it (the
     /// specification and the README's error table).
@@ -369,6 +380,11 @@ mod tests {
                 ApiError::AdminRoleRequired,
                 StatusCode::FORBIDDEN,
                 "Forbidden",
+            ),
+            (
+                ApiError::RequestTimeout,
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
             ),
         ]
     }

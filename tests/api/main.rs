@@ -2,6 +2,7 @@
 
 mod api_auth;
 mod bench;
+mod connections;
 mod day2;
 mod fake_pve;
 mod fake_pve_selftest;
