@@ -43,14 +43,9 @@ async fn check_now(app: &TestApp, id: &str) -> (StatusCode, Value) {
     json_of(response).await
 }
 
-async fn history(app: &TestApp, id: &str) -> Vec<Value> {
-    let response = app
-        .client
-        .get(app.api_url(&format!("/clusters/{id}/history")))
-        .send()
-        .await
-        .expect("GET history");
-    let (status, body) = json_of(response).await;
+/// The history's transitions, newest first.
+async fn transitions(app: &TestApp, id: &str) -> Vec<Value> {
+    let (status, body) = history(app, id).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["transitions"].as_array().cloned().unwrap_or_default()
 }
@@ -98,7 +93,7 @@ async fn renaming_needs_no_proxmox_call_and_a_taken_name_is_409() {
     );
     assert_eq!(fetch_cluster(&app, &id).await["name"], "production");
     assert_eq!(
-        settings_changes(&history(&app, &id).await),
+        settings_changes(&transitions(&app, &id).await),
         vec![json!(["name"])]
     );
 
@@ -177,7 +172,7 @@ async fn an_empty_patch_changes_nothing_and_bad_bodies_are_refused() {
     assert_eq!(after["updated_at"], before["updated_at"]);
     assert_eq!(after["name"], "prod");
     assert_eq!(fake.total_requests(), requests, "nothing was verified");
-    assert!(settings_changes(&history(&app, &id).await).is_empty());
+    assert!(settings_changes(&transitions(&app, &id).await).is_empty());
 }
 
 fn fake_fingerprint() -> String {
@@ -213,7 +208,7 @@ async fn a_rotated_password_heals_an_auth_failed_cluster_and_keeps_its_id_and_hi
         .await
     );
 
-    let transitions = history(&app, &id).await;
+    let transitions = transitions(&app, &id).await;
     assert_eq!(settings_changes(&transitions), vec![json!(["password"])]);
     assert!(
         transitions.iter().any(|t| t["reason"] == "auth_failed"),
@@ -255,7 +250,7 @@ async fn a_wrong_new_password_is_401_and_the_old_one_goes_on_working() {
     );
     let after = wait_for_cluster(&app, &id, "healthy", is_healthy).await;
     assert_eq!(after["updated_at"], before["updated_at"]);
-    assert!(settings_changes(&history(&app, &id).await).is_empty());
+    assert!(settings_changes(&transitions(&app, &id).await).is_empty());
     assert!(!app.logs().contains("not-the-password"));
 }
 
@@ -300,7 +295,7 @@ async fn a_cluster_switches_from_password_to_token_and_back() {
         "the monitor logs in with the password again"
     );
     wait_for_cluster(&app, &id, "healthy on the password", is_healthy).await;
-    let changes = settings_changes(&history(&app, &id).await);
+    let changes = settings_changes(&transitions(&app, &id).await);
     assert_eq!(changes.len(), 2, "{changes:?}");
     assert!(
         !serde_json::to_string(&changes)
@@ -336,7 +331,7 @@ async fn a_renewed_certificate_is_pinned_again() {
     );
     wait_for_cluster_skipping_stale(&app, &id, "healthy on the new pin", is_healthy).await;
     assert_eq!(
-        settings_changes(&history(&app, &id).await),
+        settings_changes(&transitions(&app, &id).await),
         vec![json!(["fingerprint"])]
     );
 }

@@ -597,6 +597,17 @@ pub async fn fetch_cluster(app: &TestApp, id: &str) -> Value {
     body
 }
 
+/// `GET /api/v1/clusters/{id}/history` as (status, body).
+pub async fn history(app: &TestApp, id: &str) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .get(app.api_url(&format!("/clusters/{id}/history")))
+        .send()
+        .await
+        .expect("GET history");
+    json_of(response).await
+}
+
 /// `GET /api/v1/clusters`, which must answer 200: `{"clusters": [...], "total": N}`.
 pub async fn list_clusters(app: &TestApp) -> Value {
     let (status, body) = json_of(app.get_clusters().await).await;

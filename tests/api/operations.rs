@@ -20,7 +20,7 @@ use tokio::net::UnixDatagram;
 
 use crate::fake_pve::FakePve;
 use crate::helpers::{
-    STATUS_PATH, TestApp, WAIT, fake_pve, fast_daemon, fetch_cluster, id_of, json_of,
+    STATUS_PATH, TestApp, WAIT, fake_pve, fast_daemon, fetch_cluster, history, id_of, json_of,
     register_body, register_fake, register_fake_id, wait_for_cluster, wait_until,
 };
 
@@ -504,17 +504,6 @@ async fn sigterm_ends_open_event_streams_and_the_daemon_exits_cleanly() {
 }
 
 // --- status history -----------------------------------------------------------------------------
-
-/// `GET /api/v1/clusters/{id}/history` as (status, body).
-async fn history(app: &TestApp, id: &str) -> (StatusCode, Value) {
-    let response = app
-        .client
-        .get(app.api_url(&format!("/clusters/{id}/history")))
-        .send()
-        .await
-        .expect("GET history");
-    json_of(response).await
-}
 
 /// The transitions of a 200 history, checking the envelope and each entry's shape.
 async fn transitions(app: &TestApp, id: &str) -> Vec<Value> {
