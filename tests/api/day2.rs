@@ -426,3 +426,39 @@ async fn a_deletion_racing_a_change_is_never_undone() {
     app.restart().await;
     assert_eq!(app.get_cluster(&id).await.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn concurrent_changes_of_one_cluster_apply_one_after_the_other() {
+    let fake = fake_pve().await;
+    fake.set_latency(Duration::from_millis(200));
+    let app = daemon_checking_every("1h", "2s").spawn().await;
+    let id = register_fake_id(&app, &fake, "prod").await;
+
+    let changes = ["prod-a", "prod-b", "prod-c"].map(|name| {
+        let client = app.client.clone();
+        let url = app.api_url(&format!("/clusters/{id}"));
+        tokio::spawn(async move {
+            // Each also sends a password, so each is verified with Proxmox and takes a while.
+            let response = client
+                .patch(url)
+                .json(&json!({ "name": name, "password": DEFAULT_PASSWORD }))
+                .send()
+                .await
+                .expect("PATCH");
+            json_of(response).await
+        })
+    });
+    for change in changes {
+        let (status, body) = change.await.expect("PATCH task");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Each was applied on top of the one before: each renamed, none saw a new password.
+    let changes = settings_changes(&transitions(&app, &id).await);
+    assert_eq!(changes, vec![json!(["name"]); 3]);
+    let last = fetch_cluster(&app, &id).await;
+    assert!(
+        ["prod-a", "prod-b", "prod-c"].contains(&last["name"].as_str().unwrap_or_default()),
+        "{last}"
+    );
+    assert_eq!(cluster_count(&app).await, 1);
+}
