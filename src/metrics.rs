@@ -117,6 +117,24 @@ fn render_clusters(out: &mut String, snapshot: &[ClusterSnapshot]) -> std::fmt::
             }
         }
     }
+    // Its own series rather than a reason label on the status gauge: an alert on lost quorum
+    // needs it, and the status gauge's labels stay what existing queries match.
+    let name = "proxmoxer_cluster_quorate";
+    writeln!(
+        out,
+        "# HELP {name} 1 when Proxmox last reported the cluster quorate, 0 when not (absent for a standalone node or before any answer)"
+    )?;
+    writeln!(out, "# TYPE {name} gauge")?;
+    for cluster in snapshot {
+        if let Some(quorate) = cluster.view.quorate {
+            writeln!(
+                out,
+                "{name}{{{}}} {}",
+                cluster_labels(cluster),
+                u8::from(quorate)
+            )?;
+        }
+    }
     let name = "proxmoxer_cluster_member_reachable";
     writeln!(
         out,

@@ -1007,6 +1007,49 @@ async fn metrics_expose_cluster_gauges_checks_logins_and_requests_by_route_templ
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quorum_gauge_follows_proxmox_and_is_absent_for_a_standalone_node() {
+    let fake = fake_pve().await;
+    let standalone = fake_pve().await;
+    standalone.set_standalone("solo");
+    let app = fast_daemon().spawn().await;
+    let id = register_fake_id(&app, &fake, "quorum").await;
+    let solo = register_fake_id(&app, &standalone, "solo").await;
+    let who = [("id", id.as_str()), ("name", "quorum")];
+
+    let m = wait_for_scrape(&app, "the cluster quorate", |m| {
+        m.value("proxmoxer_cluster_quorate", &who) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        m.expect(
+            "proxmoxer_cluster_status",
+            &[("id", &solo), ("name", "solo"), ("status", "healthy")]
+        ),
+        1.0,
+        "the standalone node has been checked"
+    );
+    assert!(
+        m.find("proxmoxer_cluster_quorate", &[("id", &solo)])
+            .is_empty(),
+        "a standalone node needs no quorum:\n{}",
+        m.text
+    );
+
+    fake.set_quorate(false);
+    let m = wait_for_scrape(&app, "quorum lost", |m| {
+        m.value("proxmoxer_cluster_quorate", &who) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        m.expect(
+            "proxmoxer_cluster_status",
+            &[("id", &id), ("name", "quorum"), ("status", "unhealthy")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_checks_are_counted_by_the_reason_the_cluster_shows() {
     let fake = fake_pve().await;
     let mut app = fast_daemon().spawn().await;
