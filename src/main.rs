@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use proxmoxer::api::auth::Keyring;
 use proxmoxer::api::token_file::{self, Role, TokenSet};
+use proxmoxer::cli::{client::Daemon, status, watch};
 use proxmoxer::config::{Config, LogFormat};
 
 // Checks allocate and free connection buffers all day; mimalloc handles that churn with a
@@ -46,6 +47,31 @@ enum Command {
     /// Manage the bearer tokens of the API. A running daemon picks up changes on SIGHUP.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show every cluster in a table, worst first. Exit code as a Nagios plugin: 0 all
+    /// healthy, 1 any degraded, 2 any unhealthy or unknown, 3 no answer from the daemon.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArg,
+        /// Print a JSON object instead: state, exit_code, total, counts and clusters.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a line whenever a cluster is registered, deregistered or changes status, until
+    /// interrupted.
+    Watch {
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+}
+
+#[derive(Args)]
+struct DaemonArg {
+    /// The daemon's address, e.g. http://127.0.0.1:8080; default: the configured server.listen.
+    #[arg(long)]
+    url: Option<String>,
+    /// An API token (a read token is enough); prefer PROXMOXER_TOKEN, which `ps` does not show.
+    #[arg(long, env = "PROXMOXER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +136,18 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         },
         Command::Token(command) => token(command, cli.config),
+        Command::Status { daemon, json } => {
+            match Daemon::resolve(daemon.url, daemon.token, cli.config.as_deref()) {
+                Ok(daemon) => status::run(&daemon, json),
+                Err(e) => status::no_answer(&e),
+            }
+        }
+        Command::Watch { daemon } => {
+            match Daemon::resolve(daemon.url, daemon.token, cli.config.as_deref()) {
+                Ok(daemon) => watch::run(&daemon),
+                Err(e) => status::no_answer(&e),
+            }
+        }
     }
 }
 
