@@ -23,7 +23,7 @@ pub enum ClientError {
     /// Without `--url` the address comes from the configuration, which could not be read.
     #[error("cannot tell where the daemon listens: {0}; pass --url")]
     Config(#[from] ConfigError),
-    /// `--url` is not an http or https URL.
+    /// `--url` is not an http or https URL with a host.
     #[error("invalid --url {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     InvalidUrl(String),
     /// The token holds characters an HTTP header cannot carry.
@@ -103,10 +103,11 @@ impl Daemon {
         let base = match url {
             Some(url) => {
                 let trimmed = url.trim().trim_end_matches('/');
+                // A path is kept, for a daemon behind a reverse proxy under a prefix.
                 let has_host = ["http://", "https://"].iter().any(|scheme| {
                     trimmed
                         .strip_prefix(scheme)
-                        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+                        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
                 });
                 if !has_host {
                     return Err(ClientError::InvalidUrl(url));
@@ -324,12 +325,11 @@ mod tests {
             base("https://pve-monitor:8443").ok().as_deref(),
             Some("https://pve-monitor:8443")
         );
-        for bad in [
-            "127.0.0.1:8080",
-            "ftp://host",
-            "http://",
-            "http://host/api/v1",
-        ] {
+        assert_eq!(
+            base("https://mgmt.example.com/proxmoxer/").ok().as_deref(),
+            Some("https://mgmt.example.com/proxmoxer")
+        );
+        for bad in ["127.0.0.1:8080", "ftp://host", "http://", "http:///path"] {
             assert!(
                 matches!(base(bad), Err(ClientError::InvalidUrl(_))),
                 "{bad} is refused"

@@ -54,9 +54,26 @@ impl Palette {
     }
 }
 
+/// `text` with every control character replaced by a space: error texts come partly from
+/// Proxmox servers, and an escape sequence in one must not reach the terminal, nor a newline
+/// break a table row or a watch line.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(
+            printable("refused\x1b]0;owned\x07\nnext"),
+            "refused ]0;owned  next"
+        );
+    }
 
     #[test]
     fn plain_text_has_no_escape_codes_and_colour_wraps_the_text() {

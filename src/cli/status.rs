@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::client::{ClientError, Daemon};
-use super::paint::Palette;
+use super::paint::{Palette, printable};
 use super::verdict::{STATUSES_WORST_FIRST, Verdict, severity_rank, worst_first};
 
 /// The whole exchange with the daemon, connection included, must fit in this: a check that
@@ -43,7 +43,12 @@ pub fn run(daemon: &Daemon, as_json: bool) -> ExitCode {
 
 /// Reports on stderr why there is no verdict and returns exit code 3 (UNKNOWN).
 pub fn no_answer(error: &ClientError) -> ExitCode {
-    eprintln!("proxmoxer: UNKNOWN: {error}");
+    // Not eprintln!, which panics when stderr is a closed pipe.
+    let _ = writeln!(
+        std::io::stderr(),
+        "proxmoxer: UNKNOWN: {}",
+        printable(&error.to_string())
+    );
     ExitCode::from(Verdict::Unknown.exit_code())
 }
 
@@ -171,9 +176,9 @@ fn push_row(
 }
 
 fn row(cluster: &Value, now: DateTime<Utc>) -> [String; 6] {
-    let text = |field: &str| cluster[field].as_str().unwrap_or("-").to_owned();
+    let text = |field: &str| printable(cluster[field].as_str().unwrap_or("-"));
     let reason = match cluster["last_error"].as_str() {
-        Some(error) => format!("{}: {error}", text("status_reason")),
+        Some(error) => format!("{}: {}", text("status_reason"), printable(error)),
         None => text("status_reason"),
     };
     let nodes = match (
@@ -189,7 +194,7 @@ fn row(cluster: &Value, now: DateTime<Utc>) -> [String; 6] {
         .map_or_else(|| "never".to_owned(), |t| ago(t.with_timezone(&Utc), now));
     [
         text("name"),
-        status_of(cluster).to_owned(),
+        printable(status_of(cluster)),
         reason,
         nodes,
         text("proxmox_version"),

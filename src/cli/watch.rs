@@ -17,7 +17,7 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::client::{ClientError, Daemon};
-use super::paint::Palette;
+use super::paint::{Palette, printable};
 use super::sse::SseParser;
 use super::status::no_answer;
 
@@ -88,12 +88,12 @@ async fn follow(daemon: &Daemon, printer: &Printer) -> Result<(), ClientError> {
     let mut response = connect(daemon, &stream_client, None).await?;
     let mut board = Board::default();
     board.resync(list(daemon, &list_client).await?);
-    eprintln!(
+    note(&format!(
         "watching {} cluster{} at {} (Ctrl-C to stop)",
         board.clusters.len(),
         if board.clusters.len() == 1 { "" } else { "s" },
         daemon.base()
-    );
+    ));
     let mut last_id: Option<String> = None;
     loop {
         let cause = match read_stream(
@@ -110,12 +110,15 @@ async fn follow(daemon: &Daemon, printer: &Printer) -> Result<(), ClientError> {
             StreamEnd::OutputClosed => return Ok(()),
             StreamEnd::Fatal(e) => return Err(e),
         };
-        eprintln!(
+        note(&format!(
             "proxmoxer watch: lost the event stream of {} ({cause}); reconnecting",
             daemon.base()
-        );
+        ));
         response = reconnect(daemon, &stream_client, last_id.as_deref()).await?;
-        eprintln!("proxmoxer watch: reconnected to {}", daemon.base());
+        note(&format!(
+            "proxmoxer watch: reconnected to {}",
+            daemon.base()
+        ));
         // Without an event id the daemon cannot replay what happened while disconnected.
         if last_id.is_none() {
             match list(daemon, &list_client).await {
@@ -130,6 +133,12 @@ async fn follow(daemon: &Daemon, printer: &Printer) -> Result<(), ClientError> {
             }
         }
     }
+}
+
+/// A line on stderr, where it stays out of the changes on stdout; a closed stderr is no
+/// reason to stop.
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{}", printable(text));
 }
 
 /// Retries with a doubling back-off until the daemon answers; gives up only on an answer
@@ -250,8 +259,8 @@ struct Shown {
 
 impl Shown {
     fn from_cluster(cluster: &Value) -> Option<(String, Self)> {
-        let text = |field: &str| cluster[field].as_str().map(str::to_owned);
-        let id = text("id")?;
+        let text = |field: &str| cluster[field].as_str().map(printable);
+        let id = cluster["id"].as_str()?.to_owned();
         let nodes = cluster["nodes_online"]
             .as_u64()
             .zip(cluster["node_count"].as_u64());
