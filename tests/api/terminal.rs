@@ -1,11 +1,12 @@
 //! `proxmoxer status` and `proxmoxer watch` as an operator runs them: the real binary against
 //! a real daemon and fake Proxmox servers. Exit codes, order and output of the table, the
 //! messages when the daemon gives no answer, tokens, and the live lines of `watch` across a
-//! daemon restart.
+//! daemon restart and a cut connection.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
@@ -521,5 +522,113 @@ async fn watch_exits_3_when_the_daemon_cannot_be_reached_at_start() {
         text(&output.stderr).contains("connection refused"),
         "{}",
         describe(&output)
+    );
+}
+
+/// A TCP relay to the daemon whose connections can be cut, as a network failure or a proxy
+/// restart would, while the daemon keeps running.
+struct CuttableRelay {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableRelay {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let addr = listener.local_addr().expect("the relay's address");
+        let down = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accepting = {
+            let down = Arc::clone(&down);
+            let connections = Arc::clone(&connections);
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if down.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(relay);
+                }
+            })
+        };
+        Self {
+            addr,
+            down,
+            connections,
+            accepting,
+        }
+    }
+
+    /// Closes every relayed connection and refuses new ones until [`Self::restore`].
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for relay in self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableRelay {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_with_last_event_id_and_prints_what_happened_while_cut_off() {
+    let app = fast_daemon().spawn().await;
+    let (first, second) = (fake_pve().await, fake_pve().await);
+    let relay = CuttableRelay::start(app.addr).await;
+    let watch = Watch::start(&format!("http://{}", relay.addr));
+    watch.wait_for_stderr("watching 0 clusters").await;
+    register_fake_id(&app, &first, "seen-live").await;
+    watch
+        .wait_for_line(&["  seen-live  registered: healthy"])
+        .await;
+
+    relay.cut();
+    watch.wait_for_stderr("lost the event stream").await;
+    // Only the event buffer, replayed after the id the watch last saw, can tell it this.
+    register_fake_id(&app, &second, "while-cut-off").await;
+    relay.restore();
+    watch.wait_for_stderr("reconnected").await;
+    watch
+        .wait_for_line(&["  while-cut-off  registered: healthy"])
+        .await;
+    let stdout = watch.stdout();
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("registered")).count(),
+        2,
+        "each registration once: {stdout}"
+    );
+    assert!(
+        app.logs()
+            .matches("route=\"/api/v1/clusters\" status=200")
+            .count()
+            == 1,
+        "resumed from the buffer, not by listing again: {}",
+        app.logs()
     );
 }
