@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use proxmoxer::api::auth::Keyring;
@@ -123,7 +123,10 @@ impl From<RoleArg> for Role {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config),
         Command::CheckConfig => check_config(cli.config),
@@ -149,6 +152,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints clap's message. `status` answers a wrong command line with 3 (UNKNOWN), as a
+/// Nagios plugin must, where clap's usual 2 would read as CRITICAL.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if !error.use_stderr() {
+        // --help and --version.
+        return ExitCode::SUCCESS;
+    }
+    let invoked = Cli::command().ignore_errors(true).try_get_matches();
+    if invoked.is_ok_and(|matches| matches.subcommand_name() == Some("status")) {
+        return status::no_answer_code();
+    }
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 fn fail(message: &str) -> ExitCode {

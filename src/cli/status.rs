@@ -49,6 +49,11 @@ pub fn no_answer(error: &ClientError) -> ExitCode {
         "proxmoxer: UNKNOWN: {}",
         printable(&error.to_string())
     );
+    no_answer_code()
+}
+
+/// Exit code 3 (UNKNOWN), for when there is no verdict.
+pub fn no_answer_code() -> ExitCode {
     ExitCode::from(Verdict::Unknown.exit_code())
 }
 

@@ -248,6 +248,11 @@ async fn status_exits_3_and_says_why_when_the_daemon_gives_no_answer() {
     let bad_url = run(status_at("localhost:8080", &[])).await;
     assert_eq!(code(&bad_url), 3, "{}", describe(&bad_url));
     assert!(text(&bad_url.stderr).contains("invalid --url"));
+
+    // A mistyped option is UNKNOWN too, not clap's usual 2, which would read as CRITICAL.
+    let typo = run(status_at(&nowhere, &["--jsno"])).await;
+    assert_eq!(code(&typo), 3, "{}", describe(&typo));
+    assert!(text(&typo.stderr).contains("--jsno"), "{}", describe(&typo));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
