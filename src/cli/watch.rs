@@ -114,24 +114,28 @@ async fn follow(daemon: &Daemon, printer: &Printer) -> Result<(), ClientError> {
             "proxmoxer watch: lost the event stream of {} ({cause}); reconnecting",
             daemon.base()
         ));
-        response = reconnect(daemon, &stream_client, last_id.as_deref()).await?;
-        note(&format!(
-            "proxmoxer watch: reconnected to {}",
-            daemon.base()
-        ));
-        // Without an event id the daemon cannot replay what happened while disconnected.
-        if last_id.is_none() {
+        response = loop {
+            let response = reconnect(daemon, &stream_client, last_id.as_deref()).await?;
+            if last_id.is_some() {
+                break response;
+            }
+            // Without an event id the daemon cannot replay what happened while disconnected:
+            // list again, subscribed first as at the start.
             match list(daemon, &list_client).await {
                 Ok(clusters) => {
                     if !printer.print_all(board.resync(clusters)) {
                         return Ok(());
                     }
+                    break response;
                 }
                 Err(e) if e.is_permanent() => return Err(e),
-                // The stream will fail too, and the next reconnection lists again.
                 Err(_) => {}
             }
-        }
+        };
+        note(&format!(
+            "proxmoxer watch: reconnected to {}",
+            daemon.base()
+        ));
     }
 }
 
@@ -309,6 +313,13 @@ enum Change {
 }
 
 impl Change {
+    fn name(&self) -> &str {
+        match self {
+            Self::Registered(shown) | Self::Deregistered(shown) => &shown.name,
+            Self::Changed { new, .. } => &new.name,
+        }
+    }
+
     fn line(&self, palette: Palette, now: DateTime<Local>) -> String {
         let time = |shown: &Shown| {
             shown
@@ -395,15 +406,6 @@ impl Board {
         changes.extend(previous.into_values().map(Change::Deregistered));
         changes.sort_by(|a, b| a.name().cmp(b.name()));
         changes
-    }
-}
-
-impl Change {
-    fn name(&self) -> &str {
-        match self {
-            Self::Registered(shown) | Self::Deregistered(shown) => &shown.name,
-            Self::Changed { new, .. } => &new.name,
-        }
     }
 }
 

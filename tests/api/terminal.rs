@@ -637,3 +637,22 @@ async fn watch_resumes_with_last_event_id_and_prints_what_happened_while_cut_off
         app.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cut_off_before_any_event_lists_again_on_reconnecting() {
+    let app = fast_daemon().spawn().await;
+    let fake = fake_pve().await;
+    let relay = CuttableRelay::start(app.addr).await;
+    let watch = Watch::start(&format!("http://{}", relay.addr));
+    watch.wait_for_stderr("watching 0 clusters").await;
+
+    relay.cut();
+    watch.wait_for_stderr("lost the event stream").await;
+    // No event id to resume from: only a new listing can show this.
+    register_fake_id(&app, &fake, "registered-unseen").await;
+    relay.restore();
+    watch.wait_for_stderr("reconnected").await;
+    watch
+        .wait_for_line(&["  registered-unseen  registered: healthy"])
+        .await;
+}
