@@ -16,10 +16,12 @@
 //! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
 //! - [`systemd`]: readiness, status line and watchdog.
 //! - [`limits`]: the open-files limit, shared between API connections and monitors.
+//! - [`cli`]: the terminal commands `status` and `watch`, clients of a running daemon's API.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
 pub mod api;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;

@@ -3,11 +3,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use proxmoxer::api::auth::Keyring;
 use proxmoxer::api::token_file::{self, Role, TokenSet};
+use proxmoxer::cli::{client::Daemon, status, watch};
 use proxmoxer::config::{Config, LogFormat};
 
 // Checks allocate and free connection buffers all day; mimalloc handles that churn with a
@@ -46,6 +47,31 @@ enum Command {
     /// Manage the bearer tokens of the API. A running daemon picks up changes on SIGHUP.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show every cluster in a table, worst first. Exit code as a Nagios plugin: 0 all
+    /// healthy, 1 any degraded, 2 any unhealthy or unknown, 3 no answer from the daemon.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArg,
+        /// Print a JSON object instead: state, exit_code, total, counts and clusters.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a line whenever a cluster is registered, deregistered or changes status, until
+    /// interrupted.
+    Watch {
+        #[command(flatten)]
+        daemon: DaemonArg,
+    },
+}
+
+#[derive(Args)]
+struct DaemonArg {
+    /// The daemon's address, e.g. http://127.0.0.1:8080; default: the configured server.listen.
+    #[arg(long)]
+    url: Option<String>,
+    /// An API token (a read token is enough); prefer PROXMOXER_TOKEN, which `ps` does not show.
+    #[arg(long, env = "PROXMOXER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -97,7 +123,10 @@ impl From<RoleArg> for Role {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config),
         Command::CheckConfig => check_config(cli.config),
@@ -110,7 +139,34 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         },
         Command::Token(command) => token(command, cli.config),
+        Command::Status { daemon, json } => {
+            match Daemon::resolve(daemon.url, daemon.token, cli.config.as_deref()) {
+                Ok(daemon) => status::run(&daemon, json),
+                Err(e) => status::no_answer(&e),
+            }
+        }
+        Command::Watch { daemon } => {
+            match Daemon::resolve(daemon.url, daemon.token, cli.config.as_deref()) {
+                Ok(daemon) => watch::run(&daemon),
+                Err(e) => status::no_answer(&e),
+            }
+        }
     }
+}
+
+/// Prints clap's message. `status` answers a wrong command line with 3 (UNKNOWN), as a
+/// Nagios plugin must, where clap's usual 2 would read as CRITICAL.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if !error.use_stderr() {
+        // --help and --version.
+        return ExitCode::SUCCESS;
+    }
+    let invoked = Cli::command().ignore_errors(true).try_get_matches();
+    if invoked.is_ok_and(|matches| matches.subcommand_name() == Some("status")) {
+        return status::no_answer_code();
+    }
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 fn fail(message: &str) -> ExitCode {
