@@ -304,8 +304,10 @@
     status.append(badge);
 
     const reason = cell("Reason", "reason");
-    reason.append(el("code", null, cluster.status_reason || "—"));
-    if (cluster.last_error) reason.append(el("span", "error", cluster.last_error));
+    const why = el("div");
+    why.append(el("code", null, cluster.status_reason || "—"));
+    if (cluster.last_error) why.append(el("span", "error", cluster.last_error));
+    reason.append(why);
 
     const nodes = cell("Nodes", "nodes");
     const online = cluster.nodes_online ?? "?";
