@@ -90,47 +90,71 @@
     askForToken(hadToken);
   }
 
-  async function list() {
-    const response = await api("/api/v1/clusters", { headers: headers(), cache: "no-store" });
-    const body = await response.json();
-    clusters.clear();
-    for (const cluster of body.clusters || []) clusters.set(cluster.id, cluster);
-    queueRender();
+  // A list answers as of some moment while it is in flight; events arriving meanwhile may be
+  // older or newer than that. Holding them back and applying them in order over the list
+  // ends on the newest state either way.
+  let listing = null;
+  let held = null;
+  // A list asked for while one is in flight may need a newer answer than that one gives.
+  let listAgain = false;
+
+  function list() {
+    if (listing) {
+      listAgain = true;
+      return listing;
+    }
+    held = [];
+    listing = (async () => {
+      try {
+        const response = await api("/api/v1/clusters", { headers: headers(), cache: "no-store" });
+        const body = await response.json();
+        clusters.clear();
+        for (const cluster of body.clusters || []) clusters.set(cluster.id, cluster);
+      } finally {
+        const events = held;
+        held = null;
+        listing = null;
+        for (const event of events) apply(event);
+        queueRender();
+        if (listAgain) {
+          listAgain = false;
+          list().catch(handleFailure);
+        }
+      }
+    })();
+    return listing;
   }
 
-  // An event may overtake the list it races with; never replace newer data with older.
-  function apply(cluster) {
-    const known = clusters.get(cluster.id);
-    if (known && known.updated_at && cluster.updated_at && cluster.updated_at < known.updated_at) {
-      return;
+  function apply(event) {
+    const data = event.data;
+    switch (event.name) {
+      case "cluster.registered":
+      case "cluster.updated":
+        clusters.set(data.id, data);
+        break;
+      case "cluster.deregistered":
+        clusters.delete(data.id);
+        break;
     }
-    clusters.set(cluster.id, cluster);
   }
 
   function dispatch(frame) {
     if (frame.id !== null) lastEventId = frame.id;
-    if (!frame.event && !frame.data) return;
+    if (frame.event === "resync") {
+      // Events were lost: what we hold may be wrong. The stream may end after this.
+      list().catch(handleFailure);
+      return;
+    }
     let data = null;
     try {
       data = frame.data ? JSON.parse(frame.data) : null;
     } catch (_) {
       return;
     }
-    switch (frame.event) {
-      case "cluster.registered":
-      case "cluster.updated":
-        if (data && data.id) apply(data);
-        break;
-      case "cluster.deregistered":
-        if (data && data.id) clusters.delete(data.id);
-        break;
-      case "resync":
-        // Events were lost: what we hold may be wrong. The stream may end after this.
-        list().catch(handleFailure);
-        break;
-      default:
-        return;
-    }
+    if (!data || typeof data.id !== "string") return;
+    const event = { name: frame.event, data };
+    if (held) held.push(event);
+    else apply(event);
     queueRender();
   }
 
@@ -175,19 +199,24 @@
       cache: "no-store",
       signal: abort.signal,
     });
-    // Subscribed first, listed second: nothing changes unseen between the two.
-    await list();
-    if (mine !== generation) return;
-    setConnection("live", "live");
-    showProblem("");
-    retryMs = RETRY_MIN_MS;
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    const feed = parser();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      feed(decoder.decode(value, { stream: true }));
+    try {
+      // Subscribed first, listed second: nothing changes unseen between the two.
+      await list();
+      if (mine !== generation) return;
+      setConnection("live", "live");
+      showProblem("");
+      retryMs = RETRY_MIN_MS;
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const feed = parser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        feed(decoder.decode(value, { stream: true }));
+      }
+    } finally {
+      // Whatever ended this attempt, its connection goes with it.
+      abort.abort();
     }
   }
 

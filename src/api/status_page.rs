@@ -137,7 +137,7 @@ mod tests {
             assert!(!SCRIPT.body.contains(sink), "{sink} in the script");
         }
         assert!(
-            !SCRIPT.body.contains("EventSource"),
+            !SCRIPT.body.contains("new EventSource"),
             "EventSource cannot send the token in a header"
         );
     }
