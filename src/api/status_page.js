@@ -19,6 +19,8 @@
   let retryMs = RETRY_MIN_MS;
   let renderQueued = false;
   let generation = 0;
+  // While the page waits for a token it shows nothing but the form.
+  let locked = false;
 
   const $ = (id) => document.getElementById(id);
 
@@ -67,6 +69,8 @@
 
   function askForToken(refused) {
     stop();
+    locked = true;
+    clusters.clear();
     setConnection("locked", "API token needed");
     $("clusters").hidden = true;
     $("empty").hidden = true;
@@ -248,6 +252,7 @@
 
   function start() {
     stop();
+    locked = false;
     $("login").hidden = true;
     run();
   }
@@ -364,6 +369,12 @@
   }
 
   function render() {
+    if (locked) {
+      $("clusters").hidden = true;
+      $("empty").hidden = true;
+      $("summary").textContent = "";
+      return;
+    }
     const sorted = Array.from(clusters.values()).sort(byWorstFirst);
     $("clusters").querySelector("tbody").replaceChildren(...sorted.map(row));
     $("clusters").hidden = sorted.length === 0;

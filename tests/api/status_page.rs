@@ -718,6 +718,16 @@ async fn with_api_tokens_the_page_asks_for_one_and_then_follows_the_stream_with_
         .for_element(Locator::Css("form#login:not([hidden])"))
         .await
         .expect("the page asks for a token");
+    let listed = browser
+        .client
+        .execute(
+            "return [document.getElementById('clusters').hidden, document.getElementById('empty').hidden];",
+            vec![],
+        )
+        .await
+        .expect("read what the form shows");
+    assert_eq!(listed, json!([true, true]), "nothing but the form");
+    browser.screenshot("status-page-token.png").await;
     let input = form
         .find(Locator::Id("token"))
         .await
