@@ -260,7 +260,7 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
     let tokens = keyring.tokens().len();
     match (&config.api_tokens_file, tokens) {
         (Some(file), 1..) => println!(
-            "  api tokens        {tokens} from {}: every request but GET /health needs one",
+            "  api tokens        {tokens} from {}: all but GET /health and the status page need one",
             file.display()
         ),
         (_, 0) if proxmoxer::api::auth::is_loopback(&config.listen) => {

@@ -2,7 +2,8 @@
 //! it reaches a handler (unknown paths included), reloaded on SIGHUP.
 //!
 //! With no token configured the API is open; that is allowed only on a loopback listener,
-//! unless `api.allow_unauthenticated` says otherwise. `GET /health` is always open.
+//! unless `api.allow_unauthenticated` says otherwise. `GET /health` and the status page (which
+//! holds no data) are always open.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -120,7 +121,8 @@ impl Keyring {
             (Some(file), count) => tracing::info!(
                 tokens_file = %file.display(),
                 tokens = count,
-                "API tokens loaded: every request but GET /health needs a bearer token"
+                "API tokens loaded: every request but GET /health and the status page needs a bearer \
+                 token"
             ),
             (None, _) => {}
         }
@@ -251,7 +253,8 @@ pub(super) async fn guard(
         .map(|ConnectInfo(addr)| *addr);
     let write = !is_read(&method);
     let tokens = keyring.tokens();
-    let open_route = path == HEALTH_PATH && is_read(&method);
+    let open_route = (path == HEALTH_PATH || super::status_page::PATHS.contains(&path.as_str()))
+        && is_read(&method);
 
     let caller = if tokens.is_empty() || open_route {
         Caller::Anonymous

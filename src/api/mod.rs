@@ -8,6 +8,7 @@ mod error;
 mod events;
 pub mod listener;
 pub mod openapi;
+pub mod status_page;
 pub mod token_file;
 
 use std::time::Instant;
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(status_page::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
