@@ -10,6 +10,7 @@ mod operations;
 mod persistence;
 mod reads;
 mod registration;
+mod schemathesis;
 mod tls;
 mod tokens;
 mod writes;
