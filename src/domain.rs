@@ -54,26 +54,28 @@ pub struct ClusterName(String);
 
 impl ClusterName {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let name = raw.trim();
-        if name.is_empty() {
+        // Length and control characters are judged on the name as sent, so that the rule is
+        // one a JSON Schema can state (maxLength, a pattern); only then is it trimmed.
+        if raw.chars().any(char::is_control) {
             return Err(ValidationError::new(
                 "name",
-                "Cluster name is required",
-                "must not be empty or blank",
+                "Cluster name is invalid",
+                "must not contain control characters",
             ));
         }
-        if name.chars().count() > MAX_NAME_CHARS {
+        if raw.chars().count() > MAX_NAME_CHARS {
             return Err(ValidationError::new(
                 "name",
                 "Cluster name is too long",
                 format!("must be at most {MAX_NAME_CHARS} characters"),
             ));
         }
-        if name.chars().any(char::is_control) {
+        let name = raw.trim();
+        if name.is_empty() {
             return Err(ValidationError::new(
                 "name",
-                "Cluster name is invalid",
-                "must not contain control characters",
+                "Cluster name is required",
+                "must not be empty or blank",
             ));
         }
         Ok(Self(name.to_owned()))
@@ -590,6 +592,9 @@ mod tests {
         assert!(ClusterName::parse(&"x".repeat(255)).is_ok());
         assert!(ClusterName::parse(&"x".repeat(256)).is_err());
         assert!(ClusterName::parse("a\nb").is_err());
+        // Judged as sent: a trailing newline is a control character, padding counts.
+        assert!(ClusterName::parse("prod\n").is_err());
+        assert!(ClusterName::parse(&format!(" {}", "x".repeat(255))).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::audit::AuditSubject;
-use super::openapi::{ClusterList, ErrorBody, HistoryList, RegisterRequest};
+use super::openapi::{ClusterList, ErrorBody, HistoryList};
 use super::{ApiError, AppState, REGISTRY_CALL_TIMEOUT_MS, ask, registry_unavailable};
 use crate::cluster::ClusterView;
 use crate::domain::{
@@ -51,21 +51,9 @@ type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 /// paged, and held until the list changes.
 #[utoipa::path(get, path = "/api/v1/clusters", tag = "clusters",
     params(
-        ("status" = Option<String>, Query, example = "degraded,unhealthy",
-            description = "Only clusters showing one of these statuses, comma-separated: \
-                healthy, degraded, unhealthy, unknown. The status as shown: a stale cluster \
-                is `unknown`."),
-        ("name" = Option<String>, Query, example = "prod-",
-            description = "Only clusters whose name starts with this (case-sensitive)."),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
-            description = "A page of at most this many clusters; the body adds `next_cursor`."),
-        ("cursor" = Option<String>, Query,
-            description = "Continue after the page that gave this `next_cursor` (opaque; \
-                stays valid when clusters come and go). Needs `limit`."),
-        ("wait" = Option<String>, Query, example = "30s",
-            description = "With `If-None-Match`: hold the request until the tag differs \
-                (then 200) or this long has passed (then 304). A duration with a unit, at \
-                most 5m. Ignored without `If-None-Match`."),
+        // The query parameters (status, name, limit, cursor, wait) are declared in
+        // `openapi.rs`, as one object: only there can the document say that `cursor` needs
+        // `limit` and that other parameters are refused.
         ("If-None-Match" = Option<String>, Header,
             description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
                 one of them is current."),
@@ -150,11 +138,12 @@ fn set_etag(headers: &mut HeaderMap, etag: Etag) {
 /// One cluster; optionally held until it changes.
 #[utoipa::path(get, path = "/api/v1/clusters/{id}", tag = "clusters",
     params(
-        ("id" = String, Path, description = "Cluster id (UUID)"),
+        ("id" = String, Path, format = Uuid, description = "Cluster id (UUID)"),
         ("wait" = Option<String>, Query, example = "30s",
             description = "With `If-None-Match`: hold the request until the tag differs \
                 (then 200), the cluster is deleted (then 404) or this long has passed (then \
-                304). A duration with a unit, at most 5m. Ignored without `If-None-Match`."),
+                304). A whole number with a unit, `ms`, `s` or `m`, at most 5m. Ignored \
+                without `If-None-Match`."),
         ("If-None-Match" = Option<String>, Header,
             description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
                 one of them is current."),
@@ -381,23 +370,38 @@ impl Parameters {
         Some(self.0.swap_remove(index).1)
     }
 
-    /// `wait`: a duration with a unit, at most [`MAX_WAIT`].
+    /// `wait`: a whole number of milliseconds, seconds or minutes (`500ms`, `30s`, `2m`), at
+    /// most [`MAX_WAIT`]. One plain form, so that the OpenAPI document can state it exactly.
     fn wait(&mut self) -> Result<Option<Duration>, ApiError> {
         let Some(raw) = self.take("wait") else {
             return Ok(None);
         };
         let bad = |reason: String| invalid("wait", "Wait is invalid", reason);
-        // humantime reads a bare `0` as zero seconds; every wait must say its unit.
-        if !raw.chars().any(|c| c.is_ascii_alphabetic()) {
+        let unit_at = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+        let (number, unit) = raw.split_at(unit_at);
+        if unit.is_empty() {
             return Err(bad(format!(
                 "{raw:?} has no unit; give a duration such as 30s or 2m"
             )));
         }
-        let wait = humantime::parse_duration(&raw)
-            .map_err(|e| bad(format!("{raw:?} is not a duration ({e}); e.g. 30s or 2m")))?;
-        if wait > MAX_WAIT {
-            return Err(bad(format!("{raw:?} is over the maximum of 5m")));
-        }
+        let per_unit = match unit {
+            _ if number.is_empty() => None,
+            "ms" => Some(Duration::from_millis(1)),
+            "s" => Some(Duration::from_secs(1)),
+            "m" => Some(Duration::from_secs(60)),
+            _ => None,
+        };
+        let Some(per_unit) = per_unit else {
+            return Err(bad(format!(
+                "{raw:?} is not a duration: a whole number with ms, s or m, e.g. 30s or 2m"
+            )));
+        };
+        let wait = number
+            .parse::<u32>()
+            .ok()
+            .and_then(|count| per_unit.checked_mul(count))
+            .filter(|wait| *wait <= MAX_WAIT)
+            .ok_or_else(|| bad(format!("{raw:?} is over the maximum of 5m")))?;
         Ok(Some(wait))
     }
 }
@@ -481,7 +485,7 @@ fn parse_statuses(raw: &str) -> Result<Vec<ClusterStatus>, ApiError> {
 
 /// Deregister a cluster: its monitor stops and its history is deleted.
 #[utoipa::path(delete, path = "/api/v1/clusters/{id}", tag = "clusters",
-    params(("id" = String, Path, description = "Cluster id (UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "Cluster id (UUID)")),
     responses(
         (status = 204, description = "Deleted; empty body"),
         (status = 404, description = "Cluster not found", body = ErrorBody),
@@ -509,7 +513,8 @@ pub(super) async fn clusters_delete(
 /// Register a cluster. Proxmox is probed (login, version, cluster status) before anything is
 /// stored.
 #[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters",
-    request_body(content = RegisterRequest, content_type = "application/json"),
+    request_body(content = ref("#/components/schemas/RegisterRequest"),
+        content_type = "application/json"),
     responses(
         (status = 201, description = "Registered", body = ClusterView,
             headers(("Location" = String, description = "/api/v1/clusters/{id}"))),
@@ -580,8 +585,38 @@ fn patch_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Change a cluster's settings without registering it anew: id, history and creation time
-/// stay. Connection settings are verified with Proxmox first; on failure nothing changes.
+/// Change a cluster's name, endpoint, credentials or pin without registering it again. A body
+/// with any connection field (`api_endpoint`, `username`, `password`, `token_id`,
+/// `token_secret`, `fingerprint`) is verified against Proxmox exactly as a registration is,
+/// before anything changes; on failure nothing changes. `{}` changes nothing.
+#[utoipa::path(patch, path = "/api/v1/clusters/{id}", tag = "clusters",
+    params(("id" = String, Path, format = Uuid, description = "Cluster id (UUID)")),
+    request_body(
+        description = "Any of the registration's fields; `fingerprint: null` removes the pin",
+        content(
+            (ref("#/components/schemas/ClusterPatch") = "application/json"),
+            (ref("#/components/schemas/ClusterPatch") = "application/merge-patch+json"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Changed (or `{}`: unchanged); the Cluster as the \
+            verification saw it", body = ClusterView),
+        (status = 400, description = "Invalid body or field, an unknown field, `null` for \
+            anything but `fingerprint`, or a body that would leave the cluster with both or \
+            neither a password and a token", body = ErrorBody),
+        (status = 401, description = "Proxmox rejected the credentials", body = ErrorBody),
+        (status = 403, description = "Insufficient privileges on Proxmox (Sys.Audit on /)",
+            body = ErrorBody),
+        (status = 404, description = "Cluster not found", body = ErrorBody),
+        (status = 409, description = "Cluster already exists: another cluster has this name",
+            body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json or \
+            application/merge-patch+json", body = ErrorBody),
+        (status = 500, description = "The change could not be stored", body = ErrorBody),
+        (status = 502, description = "Failed to connect to Proxmox", body = ErrorBody),
+        (status = 503, description = "The registry did not answer", body = ErrorBody),
+    ))]
 pub(super) async fn clusters_patch(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -614,8 +649,17 @@ async fn change_cluster(
     Ok(ractor::call!(registry, RegistryMsg::Patch, id, patch).map_err(registry_unavailable)??)
 }
 
-/// Check a cluster now, through its monitor, and answer with the cluster after the check,
-/// whatever it found. Requests that overlap, and a check already in flight, share one check.
+/// Check the cluster now, through its monitor, and answer with the Cluster after the check,
+/// whatever it found: a failed check is a 200 whose body shows the failure. Requests that
+/// overlap, and a check already in flight, share one check.
+#[utoipa::path(post, path = "/api/v1/clusters/{id}/check", tag = "clusters",
+    params(("id" = String, Path, format = Uuid, description = "Cluster id (UUID)")),
+    responses(
+        (status = 200, description = "The Cluster after the check (`status_reason`, \
+            `last_error` show a failure)", body = ClusterView),
+        (status = 404, description = "Cluster not found", body = ErrorBody),
+        (status = 503, description = "The registry did not answer", body = ErrorBody),
+    ))]
 pub(super) async fn clusters_check(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -643,7 +687,7 @@ pub(super) async fn clusters_check(
 /// A cluster's recent status transitions, newest first.
 #[utoipa::path(get, path = "/api/v1/clusters/{id}/history", tag = "clusters",
     params(
-        ("id" = String, Path, description = "Cluster id (UUID)"),
+        ("id" = String, Path, format = Uuid, description = "Cluster id (UUID)"),
         ("If-None-Match" = Option<String>, Header,
             description = "Tags from earlier answers (or `*`), compared weakly: 304 while \
                 one of them is current."),

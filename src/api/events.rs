@@ -20,35 +20,34 @@ use crate::registry::RegistryMsg;
 
 /// Proxies commonly cut connections idle for 60 s; a comment well within that keeps them.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The header a reconnecting client names the last event it received with.
+const LAST_EVENT_ID: &str = "last-event-id";
 /// The event that tells a client its view may be incomplete and it should list again.
 const RESYNC: &str = "resync";
 
 /// A stream of `cluster.registered`, `cluster.updated` and `cluster.deregistered` events.
 /// Send `Last-Event-ID` to resume; a `resync` event means events were lost: list again.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
-    params(("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id")),
+    params(("Last-Event-ID" = Option<u64>, Header,
+        description = "Resume after this event id: the `id` of the last event received. An id \
+            that is not a whole number from 0 to 18446744073709551615 is refused; one that was \
+            never issued, or is no longer buffered, starts the stream with `resync`.")),
     responses(
-        (status = 200, description = "Server-sent events; each `data` is a Cluster object \
-            (or `{\"id\"}` for cluster.deregistered)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events, each a ClusterEvent: `event`, `id` \
+            and JSON `data`", content_type = "text/event-stream",
+            body = ref("#/components/schemas/ClusterEvent")),
+        (status = 400, description = "Last-Event-ID is not an event id; `details.field` names it",
+            body = ErrorBody),
         (status = 503, description = "The registry did not answer", body = ErrorBody),
     ))]
 pub(super) async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    // An id we cannot read is one we never issued: the client must re-list, not silently
-    // miss events.
-    let (last_event_id, unreadable_id) = match headers.get("last-event-id") {
-        None => (None, false),
-        Some(value) => match value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-        {
-            Some(id) => (Some(id), false),
-            None => (None, true),
-        },
-    };
+    let last_event_id = headers
+        .get(LAST_EVENT_ID)
+        .map(|value| parse_event_id(value.as_bytes()))
+        .transpose()?;
     let registry = &state.registry;
     let subscription = call_t!(
         registry,
@@ -59,7 +58,7 @@ pub(super) async fn events(
     .map_err(registry_unavailable)?;
 
     let mut pending = VecDeque::new();
-    if subscription.gap || unreadable_id {
+    if subscription.gap {
         pending.push_back(resync(
             "the events after Last-Event-ID are no longer buffered; list the clusters again",
         ));
@@ -116,6 +115,27 @@ impl Feed {
         };
         Some((Ok(event), self))
     }
+}
+
+/// An event id as this server writes them: decimal digits of an unsigned 64-bit number. Anything
+/// else is no id a client could have received, so it is refused rather than guessed at.
+fn parse_event_id(raw: &[u8]) -> Result<u64, ApiError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|digits| digits.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "Last-Event-ID is invalid",
+                json!({
+                    "field": "Last-Event-ID",
+                    "reason": format!(
+                        "must be the id of an event, a whole number from 0 to {}",
+                        u64::MAX
+                    ),
+                }),
+            )
+        })
 }
 
 fn to_sse(event: &ClusterEvent) -> Event {

@@ -13,6 +13,7 @@ mod operations;
 mod persistence;
 mod reads;
 mod registration;
+mod schemathesis;
 mod status_page;
 mod terminal;
 mod tls;

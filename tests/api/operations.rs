@@ -385,24 +385,37 @@ async fn a_last_event_id_that_was_never_issued_gets_a_resync_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_last_event_id_that_is_not_a_number_gets_a_resync_first() {
-    let fake = fake_pve().await;
+async fn a_last_event_id_that_is_not_an_event_id_is_refused() {
     let app = fast_daemon().spawn().await;
-    for never_issued in ["not-a-number", "18446744073709551616", "-5"] {
-        let mut stream = EventStream::connect(&app, Some(never_issued)).await;
-        let created = register_fake(&app, &fake, never_issued).await;
-        let first = stream.next().await.expect("an event");
-        assert_eq!(
-            first.kind(),
-            "resync",
-            "Last-Event-ID {never_issued:?} was never issued: {first:?}"
-        );
-        stream.expect("cluster.registered").await;
-        assert_eq!(
-            app.delete_cluster(id_of(&created)).await.status(),
-            StatusCode::NO_CONTENT
-        );
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("build a client");
+    for not_an_id in [
+        "not-a-number",
+        "18446744073709551616",
+        "-5",
+        "+5",
+        "1.0",
+        "",
+    ] {
+        let response = client
+            .get(app.api_url("/events"))
+            .header(ACCEPT, "text/event-stream")
+            .header("Last-Event-ID", not_an_id)
+            .send()
+            .await
+            .expect("GET /api/v1/events");
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{not_an_id:?}: {body}");
+        assert_eq!(body["code"], "BadRequest", "{body}");
+        assert_eq!(body["message"], "Last-Event-ID is invalid", "{body}");
+        assert_eq!(body["details"]["field"], "Last-Event-ID", "{body}");
     }
+    // The largest id is one, even if it was never issued: a resync, not an error.
+    let mut stream = EventStream::connect(&app, Some(&u64::MAX.to_string())).await;
+    stream.expect("resync").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1187,11 +1200,13 @@ async fn invented_methods_are_counted_as_other_and_add_no_series_of_their_own() 
 // --- OpenAPI ------------------------------------------------------------------------------------
 
 /// Every route the daemon serves, as (path template, method).
-const ROUTES: [(&str, &str); 9] = [
+const ROUTES: [(&str, &str); 11] = [
     ("/api/v1/clusters", "get"),
     ("/api/v1/clusters", "post"),
     ("/api/v1/clusters/{id}", "get"),
+    ("/api/v1/clusters/{id}", "patch"),
     ("/api/v1/clusters/{id}", "delete"),
+    ("/api/v1/clusters/{id}/check", "post"),
     ("/api/v1/clusters/{id}/history", "get"),
     ("/api/v1/events", "get"),
     ("/api/v1/openapi.json", "get"),
