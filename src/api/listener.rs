@@ -236,15 +236,13 @@ impl hyper::service::Service<Request<Incoming>> for ApiService {
         let (mut parts, body) = request.into_parts();
         // Where axum's `into_make_service_with_connect_info` would put it.
         parts.extensions.insert(ConnectInfo(self.remote));
-        let late = Arc::new(AtomicBool::new(false));
-        let body = if body.is_end_stream() {
-            Body::new(body)
+        // Most requests (every GET) have no body: no deadline, no flag to allocate.
+        let (body, late) = if body.is_end_stream() {
+            (Body::new(body), None)
         } else {
-            Body::new(DeadlineBody::new(
-                body,
-                self.request_timeout,
-                Arc::clone(&late),
-            ))
+            let late = Arc::new(AtomicBool::new(false));
+            let body = DeadlineBody::new(body, self.request_timeout, Arc::clone(&late));
+            (Body::new(body), Some(late))
         };
         let router = TowerToHyperService::new(self.app.clone());
         let request = Request::from_parts(parts, body);
@@ -253,7 +251,7 @@ impl hyper::service::Service<Request<Incoming>> for ApiService {
             let Ok(mut response) = hyper::service::Service::call(&router, request).await;
             // Whatever the handler made of the failed body (a JSON error, most likely), the
             // client is told why, and the connection is not kept for a body still on its way.
-            if late.load(Ordering::Relaxed) {
+            if late.is_some_and(|late| late.load(Ordering::Relaxed)) {
                 tracing::debug!(%remote, "a request body did not arrive in time");
                 response = ApiError::RequestTimeout.into_response();
                 response

@@ -102,7 +102,7 @@ async fn observe(request: Request, next: Next) -> Response {
                 && v.len() <= MAX_REQUEST_ID_LEN
                 && v.chars().all(|c| c.is_ascii_graphic())
         })
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        .map_or_else(new_request_id, str::to_owned);
     let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
@@ -132,6 +132,17 @@ async fn observe(request: Request, next: Next) -> Response {
     )
     .record(elapsed.as_secs_f64());
     response
+}
+
+/// A request id unique to this process and unlikely to repeat across restarts: a random
+/// prefix drawn once, then a counter. Drawing randomness per request would cost a system call
+/// on every request.
+fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let sequence = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix:016x}{sequence:016x}")
 }
 
 /// The standard methods (RFC 9110 and PATCH), the only ones that get their own `method` label.
