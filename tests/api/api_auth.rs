@@ -10,6 +10,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use serde_json::{Value, json};
 
 use crate::fake_pve::DEFAULT_PASSWORD;
+use crate::helpers::describe;
 use crate::helpers::{
     TICKET_PATH, TestApp, TestAppBuilder, WAIT, add_api_token, fake_pve, id_of, json_of,
     proxmoxer_command, register_body, test_client, wait_until,
@@ -44,15 +45,6 @@ async fn assert_unauthorized(response: reqwest::Response, what: &str) {
         Some(r#"Bearer realm="proxmoxer""#),
         "{what}"
     );
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}stderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn token_command(path: &Path, args: &[&str]) -> Output {

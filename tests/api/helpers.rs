@@ -597,6 +597,16 @@ pub async fn fetch_cluster(app: &TestApp, id: &str) -> Value {
     body
 }
 
+/// A finished command's exit status and output, for assertion messages.
+pub fn describe(output: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}stderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// `GET /api/v1/clusters/{id}/history` as (status, body).
 pub async fn history(app: &TestApp, id: &str) -> (StatusCode, Value) {
     let response = app

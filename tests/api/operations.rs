@@ -23,6 +23,7 @@ use crate::helpers::{
     STATUS_PATH, TestApp, WAIT, fake_pve, fast_daemon, fetch_cluster, history, id_of, json_of,
     register_body, register_fake, register_fake_id, wait_for_cluster, wait_until,
 };
+use crate::helpers::{describe, proxmoxer_command};
 
 /// Waits until the fake has answered `checks` more cluster-status calls, i.e. the monitor has
 /// run that many more checks.
@@ -1747,30 +1748,13 @@ async fn with_a_systemd_watchdog_the_daemon_pings_it_with_a_fresh_status() {
 
 /// The binary with none of the developer's `PROXMOXER_*` settings, run in `dir`.
 fn proxmoxer(dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_proxmoxer"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PROXMOXER_") {
-            command.env_remove(&key);
-        }
-    }
-    for key in ["NOTIFY_SOCKET", "RUST_LOG", "CREDENTIALS_DIRECTORY"] {
-        command.env_remove(key);
-    }
+    let mut command = proxmoxer_command();
     command.current_dir(dir);
     command
 }
 
 fn run(command: &mut Command) -> Output {
     command.output().expect("run proxmoxer")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}stderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn tempdir() -> tempfile::TempDir {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::Value;
 
 use crate::fake_pve::{DEFAULT_USER, FakePve};
+use crate::helpers::describe;
 use crate::helpers::{
     SHUTDOWN_TIMEOUT, TestApp, WAIT, fake_pve, fast_daemon, has_status, proxmoxer_command,
     register_fake_id, wait_for_cluster_skipping_stale, wait_until,
@@ -32,15 +33,6 @@ fn status_at(url: &str, extra: &[&str]) -> Command {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}stderr:\n{}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    )
 }
 
 /// The exit code, which must exist: these commands end by themselves, not by a signal.

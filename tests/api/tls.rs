@@ -15,6 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
+use crate::helpers::describe;
 use crate::helpers::{
     STATUS_PATH, TICKET_PATH, TestApp, TestAppBuilder, WAIT, assert_status_read_with_token,
     cluster_count, daemon_checking_every, fast_daemon, fetch_cluster, has_status, id_of,
@@ -124,15 +125,6 @@ async fn fingerprint_command(url: String) -> Output {
     })
     .await
     .expect("the fingerprint command thread")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}; stdout: {:?}; stderr: {:?}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 // --- pinning at registration --------------------------------------------------------------------
