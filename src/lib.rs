@@ -91,6 +91,20 @@ pub enum StartupError {
     Serve(std::io::Error),
 }
 
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal during start-up is not lost.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+    })
+}
+
 /// Runs the daemon until `shutdown` completes, then drains in-flight requests (bounded by
 /// `shutdown_grace`), stops the monitors and persists the latest state. Each message on
 /// `reloads` re-reads the API tokens file.

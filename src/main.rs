@@ -203,7 +203,7 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown =
-            shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            proxmoxer::stop_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
         let reloads =
             reload_requests().map_err(|e| format!("cannot install signal handlers: {e}"))?;
         proxmoxer::run(config, shutdown, reloads)
@@ -390,20 +390,6 @@ fn init_tracing(level: &str, format: LogFormat) -> Result<(), String> {
         (LogFormat::Text, false) => builder.init(),
     }
     Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when
-/// the future is first polled, so a signal during start-up is not lost.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
-        }
-    })
 }
 
 /// One message per SIGHUP (several before the first is handled count once). Installed before

@@ -15,7 +15,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ractor::{ActorRef, call_t};
+use ractor::{ActorRef, RactorErr, call_t};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -30,7 +30,7 @@ use crate::domain::{
 use crate::registry::views::{
     Cursor, Etag, ListFilter, ListQuery, Page, ReadCluster, ReadList, Rendered,
 };
-use crate::registry::{ClusterPatch, NewCluster, RegistrationId, RegistryMsg};
+use crate::registry::{ClusterPatch, NewCluster, RegistrationId, RegistryError, RegistryMsg};
 use crate::tls::Fingerprint;
 
 /// The longest a blocking query may be held (inclusive).
@@ -503,10 +503,7 @@ pub(super) async fn clusters_delete(
     let registry = &state.registry;
     let subject = AuditSubject::lookup(registry, id).await;
     // Like a registration, a deletion waits for its durable commit, however slow the disk.
-    let deleted = match ractor::call!(registry, RegistryMsg::Delete, id) {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(e) => Err(registry_unavailable(e)),
-    };
+    let deleted = answer_of(ractor::call!(registry, RegistryMsg::Delete, id));
     subject.tag(deleted.map(|()| StatusCode::NO_CONTENT))
 }
 
@@ -558,8 +555,12 @@ async fn register_cluster(
     // stored only the disk decides; giving up then would answer an error for a cluster that
     // still appears. A registry that dies drops the reply, which ends the wait.
     let registry = &state.registry;
-    let view = ractor::call!(registry, RegistryMsg::Register, registration, request)
-        .map_err(registry_unavailable)??;
+    let view = answer_of(ractor::call!(
+        registry,
+        RegistryMsg::Register,
+        registration,
+        request
+    ))?;
     *subject = AuditSubject::of(&view);
     let location = HeaderValue::from_str(&format!("/api/v1/clusters/{}", view.id))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -646,7 +647,7 @@ async fn change_cluster(
     let patch = parse_patch(body)?;
     let registry = &state.registry;
     // Like a registration: the registry bounds the probe, and the disk decides the rest.
-    Ok(ractor::call!(registry, RegistryMsg::Patch, id, patch).map_err(registry_unavailable)??)
+    answer_of(ractor::call!(registry, RegistryMsg::Patch, id, patch))
 }
 
 /// Check the cluster now, through its monitor, and answer with the Cluster after the check,
@@ -670,10 +671,7 @@ pub(super) async fn clusters_check(
     };
     let registry = &state.registry;
     // The registry answers within the check deadline.
-    let answer = match ractor::call!(registry, RegistryMsg::CheckNow, id) {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(e) => Err(registry_unavailable(e)),
-    };
+    let answer = answer_of(ractor::call!(registry, RegistryMsg::CheckNow, id));
     let subject = match &answer {
         Ok(view) => AuditSubject::of(view),
         Err(_) => AuditSubject {
@@ -723,6 +721,13 @@ pub(super) async fn clusters_history(
         return Ok(not_modified(history.etag));
     }
     Ok(fresh(history))
+}
+
+/// The registry's answer to a write, or why it gave none.
+fn answer_of<T>(
+    reply: Result<Result<T, RegistryError>, RactorErr<RegistryMsg>>,
+) -> Result<T, ApiError> {
+    reply.map_err(registry_unavailable)?.map_err(ApiError::from)
 }
 
 struct CancelOnDrop {

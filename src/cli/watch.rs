@@ -44,7 +44,8 @@ pub fn run(daemon: &Daemon) -> ExitCode {
         palette: Palette::for_stdout(),
     };
     let result = runtime.block_on(async {
-        let stop = stop_signal().map_err(ClientError::Runtime)?;
+        // Installed before the first connection, so an early Ctrl-C is not the default action.
+        let stop = crate::stop_signal().map_err(ClientError::Runtime)?;
         tokio::select! {
             result = follow(daemon, &printer) => result,
             () = stop => Ok(()),
@@ -54,20 +55,6 @@ pub fn run(daemon: &Daemon) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => no_answer(&e),
     }
-}
-
-/// Completes on SIGINT or SIGTERM; installed before the first connection, so an early
-/// Ctrl-C is not the default action.
-fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
-        }
-    })
 }
 
 /// Why a connection's stream stopped.
