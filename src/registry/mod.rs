@@ -245,6 +245,12 @@ impl RegistryState {
             + self.settings.monitor.longest_silence()
     }
 
+    /// One cluster as the API shows it now.
+    fn view_of(&self, id: ClusterId) -> Option<ClusterView> {
+        let stale_after = self.stale_after();
+        self.clusters.get(&id).map(|c| c.view(stale_after))
+    }
+
     fn name_taken(&self, name: &ClusterName) -> bool {
         self.names.contains(name)
             || self.name_claimed_by_a_change(name)
@@ -348,8 +354,7 @@ impl Actor for RegistryActor {
                 let _ = reply.send(state.views.history(id));
             }
             RegistryMsg::Get(id, reply) => {
-                let stale_after = state.stale_after();
-                let _ = reply.send(state.clusters.get(&id).map(|c| c.view(stale_after)));
+                let _ = reply.send(state.view_of(id));
             }
             RegistryMsg::Delete(id, reply) => on_delete(&myself, state, id, reply),
             RegistryMsg::Patch(id, patch, reply) => {

@@ -200,9 +200,7 @@ pub(super) fn on_check_now(
     let Some(monitor) = state.monitors.get(&id) else {
         // Between a monitor's failure and its restart there is nobody to check; the restart
         // checks soon enough, and the client hears what is known now.
-        let stale_after = state.stale_after();
-        let view = state.clusters.get(&id).map(|c| c.view(stale_after));
-        let _ = reply.send(view.ok_or(RegistryError::NotFound));
+        let _ = reply.send(state.view_of(id).ok_or(RegistryError::NotFound));
         return;
     };
     if monitor
@@ -238,8 +236,7 @@ pub(super) fn answer_check_waiters(state: &mut RegistryState, id: ClusterId, rou
     let Some(waiters) = state.check_waiters.remove(&id) else {
         return;
     };
-    let stale_after = state.stale_after();
-    let view = state.clusters.get(&id).map(|c| c.view(stale_after));
+    let view = state.view_of(id);
     for reply in waiters.replies {
         let _ = reply.send(view.clone().ok_or(RegistryError::NotFound));
     }
