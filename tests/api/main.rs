@@ -4,8 +4,12 @@ mod api_auth;
 mod bench;
 mod connections;
 mod day2;
+#[cfg(feature = "etcd")]
+mod etcd_server;
 mod fake_pve;
 mod fake_pve_selftest;
+#[cfg(feature = "etcd")]
+mod ha;
 mod helpers;
 mod members;
 mod monitoring;
@@ -15,6 +19,7 @@ mod reads;
 mod registration;
 mod schemathesis;
 mod status_page;
+mod storage_backend;
 mod terminal;
 mod tls;
 mod tokens;
