@@ -54,6 +54,33 @@ impl ClusterRecord {
     /// The version of the stored JSON; a schema change is a new format.
     pub const FORMAT: u32 = 1;
 
+    /// Takes what a monitor learns (status, version, nodes, members) from `other`, keeping
+    /// this record's settings.
+    pub fn adopt_status(&mut self, other: &ClusterRecord) {
+        self.proxmox_version.clone_from(&other.proxmox_version);
+        self.node_count = other.node_count;
+        self.nodes_online = other.nodes_online;
+        self.quorate = other.quorate;
+        self.status = other.status;
+        self.status_reason = other.status_reason;
+        self.last_error.clone_from(&other.last_error);
+        self.last_checked_at = other.last_checked_at;
+        self.members.clone_from(&other.members);
+        self.active_endpoint.clone_from(&other.active_endpoint);
+        self.updated_at = self.updated_at.max(other.updated_at);
+    }
+
+    /// Whether `other` differs in what a settings change can change.
+    pub fn settings_differ(&self, other: &ClusterRecord) -> bool {
+        self.name != other.name
+            || self.api_endpoint != other.api_endpoint
+            || self.username != other.username
+            || self.auth_method != other.auth_method
+            || self.token_id != other.token_id
+            || self.credential != other.credential
+            || self.fingerprint != other.fingerprint
+    }
+
     /// The credentials, given the opened secret; `None` for a token record without a token
     /// id, which only a corrupt database holds.
     pub fn credentials(&self, secret: Secret) -> Option<Credentials> {
@@ -250,6 +277,66 @@ impl Cluster {
             });
         }
         cluster
+    }
+
+    /// A cluster another instance monitors, as the shared store holds it: its status stands
+    /// as stored, and counts as fresh while a leader is at work.
+    pub fn mirrored(
+        record: ClusterRecord,
+        credentials: Credentials,
+        stored: Vec<(u64, Transition)>,
+    ) -> Self {
+        let next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
+        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
+        let history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        Self {
+            last_active: record.active_endpoint.clone(),
+            record,
+            credentials,
+            history,
+            next_sequence,
+            unstored: Vec::new(),
+            consecutive_failures: 0,
+            last_check: Some(Instant::now()),
+            last_success: None,
+        }
+    }
+
+    /// The leader is at work on this cluster: its stored status counts as fresh.
+    pub fn mark_observed(&mut self) {
+        self.last_check = Some(Instant::now());
+    }
+
+    /// Takes a status the leader stored; whether anything shown changed.
+    pub fn adopt_remote_status(&mut self, status: &ClusterRecord) -> bool {
+        let before = self.record.clone();
+        self.record.adopt_status(status);
+        if status.status != before.status {
+            self.consecutive_failures = 0;
+        }
+        self.mark_observed();
+        serde_json::to_value(&before).ok() != serde_json::to_value(&self.record).ok()
+    }
+
+    /// Takes settings another instance stored, keeping what this instance's monitor saw.
+    pub fn adopt_remote_settings(&mut self, record: ClusterRecord, credentials: Credentials) {
+        let mut record = record;
+        record.adopt_status(&self.record);
+        self.record = record;
+        self.credentials = credentials;
+    }
+
+    /// Adds a transition the leader stored, unless this instance has it already.
+    pub fn mirror_history(&mut self, sequence: u64, transition: Transition) -> bool {
+        if sequence < self.next_sequence {
+            return false;
+        }
+        if self.history.len() == HISTORY_CAPACITY {
+            self.history.pop_front();
+        }
+        self.history.push_back(transition);
+        self.next_sequence = sequence + 1;
+        true
     }
 
     /// Transitions recorded since the last call, with their sequence numbers, and the

@@ -33,6 +33,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Clusters are watched through all their members unless this is turned off.
 pub const DEFAULT_MEMBER_DISCOVERY: bool = true;
+/// `storage.etcd.prefix`: every key proxmoxer writes in etcd starts with it.
+pub const DEFAULT_ETCD_PREFIX: &str = "/proxmoxer";
+/// `storage.etcd.lease_ttl`: how long a silent leader keeps its role.
+pub const DEFAULT_ETCD_LEASE_TTL: Duration = Duration::from_secs(10);
+/// etcd refuses leases shorter than its election timeout allows; below this, leadership would
+/// flap on any network hiccup.
+const MIN_ETCD_LEASE_TTL: Duration = Duration::from_secs(1);
+const MAX_ETCD_LEASE_TTL: Duration = Duration::from_secs(300);
 
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +91,59 @@ pub struct Config {
     pub api_tokens_file: Option<PathBuf>,
     /// `api.allow_unauthenticated`: serve a non-loopback listener without tokens.
     pub api_allow_unauthenticated: bool,
+    /// `storage.backend`: where the registry is stored.
+    pub backend: StorageBackend,
+    /// `storage.etcd.*`: used when `backend` is [`StorageBackend::Etcd`].
+    pub etcd: EtcdConfig,
+}
+
+/// Where the registry is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The embedded redb file: one instance, nothing else to run.
+    #[default]
+    Redb,
+    /// An etcd cluster shared by several instances, one of them leading.
+    Etcd,
+}
+
+/// How to reach the etcd cluster that holds the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. `https://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Every key proxmoxer writes starts with this, so one etcd can serve other users too.
+    pub prefix: String,
+    /// The leader's lease: another instance takes over this long after the leader went silent.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// etcd user, when etcd has authentication enabled.
+    pub username: Option<String>,
+    /// A file holding that user's password (never the password itself in the configuration).
+    pub password_file: Option<PathBuf>,
+    /// A PEM bundle of the CA that signed etcd's server certificates.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's mutual TLS, with `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            prefix: DEFAULT_ETCD_PREFIX.to_owned(),
+            lease_ttl: DEFAULT_ETCD_LEASE_TTL,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,15 +200,19 @@ impl Default for ServerSection {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct StorageSection {
+    backend: StorageBackend,
     database: PathBuf,
     key_file: Option<PathBuf>,
+    etcd: EtcdConfig,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
+            backend: StorageBackend::Redb,
             database: PathBuf::from(DEFAULT_DATABASE),
             key_file: None,
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -250,6 +315,32 @@ impl Config {
         }
         if let Some(v) = env("PROXMOXER_KEY_FILE") {
             raw.storage.key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("PROXMOXER_STORAGE_BACKEND") {
+            raw.storage.backend = match v.trim() {
+                "redb" => StorageBackend::Redb,
+                "etcd" => StorageBackend::Etcd,
+                other => {
+                    return Err(invalid(
+                        "PROXMOXER_STORAGE_BACKEND",
+                        format!("{other:?} is not redb or etcd"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = env("PROXMOXER_STORAGE_ETCD_ENDPOINTS") {
+            raw.storage.etcd.endpoints = v
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(v) = env("PROXMOXER_STORAGE_ETCD_PREFIX") {
+            raw.storage.etcd.prefix = v;
+        }
+        if let Some(v) = env("PROXMOXER_STORAGE_ETCD_LEASE_TTL") {
+            raw.storage.etcd.lease_ttl = parse_duration("PROXMOXER_STORAGE_ETCD_LEASE_TTL", &v)?;
         }
         if let Some(v) = env("PROXMOXER_MONITOR_INTERVAL") {
             raw.monitor.interval = parse_duration("PROXMOXER_MONITOR_INTERVAL", &v)?;
@@ -373,6 +464,7 @@ impl Config {
                 "must not be empty; leave it out to run without API tokens",
             ));
         }
+        check_etcd(&raw.storage)?;
         let key_file = match raw.storage.key_file {
             Some(path) if path.as_os_str().is_empty() => {
                 return Err(invalid("storage.key_file", "must not be empty"));
@@ -399,8 +491,57 @@ impl Config {
             member_networks,
             api_tokens_file: raw.api.tokens_file,
             api_allow_unauthenticated: raw.api.allow_unauthenticated,
+            backend: raw.storage.backend,
+            etcd: raw.storage.etcd,
         })
     }
+}
+
+fn check_etcd(storage: &StorageSection) -> Result<(), ConfigError> {
+    let etcd = &storage.etcd;
+    if storage.backend == StorageBackend::Etcd && etcd.endpoints.is_empty() {
+        return Err(invalid(
+            "storage.etcd.endpoints",
+            "must list at least one etcd client URL when storage.backend is etcd",
+        ));
+    }
+    if let Some(bad) = etcd.endpoints.iter().find(|e| e.trim().is_empty()) {
+        return Err(invalid(
+            "storage.etcd.endpoints",
+            format!("{bad:?} is not a URL"),
+        ));
+    }
+    // The prefix ends every key range; a bare "/" or a trailing slash would make
+    // "/proxmoxer/" and "/proxmoxer2/" overlap or double the separator.
+    if !etcd.prefix.starts_with('/') || etcd.prefix.len() < 2 || etcd.prefix.ends_with('/') {
+        return Err(invalid(
+            "storage.etcd.prefix",
+            "must start with / and not end with it, e.g. /proxmoxer",
+        ));
+    }
+    if etcd.lease_ttl < MIN_ETCD_LEASE_TTL || etcd.lease_ttl > MAX_ETCD_LEASE_TTL {
+        return Err(invalid(
+            "storage.etcd.lease_ttl",
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(MIN_ETCD_LEASE_TTL),
+                humantime::format_duration(MAX_ETCD_LEASE_TTL)
+            ),
+        ));
+    }
+    if etcd.client_cert_file.is_some() != etcd.client_key_file.is_some() {
+        return Err(invalid(
+            "storage.etcd.client_cert_file",
+            "client_cert_file and client_key_file go together",
+        ));
+    }
+    if etcd.password_file.is_some() && etcd.username.is_none() {
+        return Err(invalid(
+            "storage.etcd.password_file",
+            "needs storage.etcd.username",
+        ));
+    }
+    Ok(())
 }
 
 /// Under systemd, `LoadCredential=proxmoxer.key:...` puts the key in `$CREDENTIALS_DIRECTORY`;

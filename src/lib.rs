@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod leadership;
 pub mod limits;
 pub mod metrics;
 pub mod monitor;
@@ -44,7 +45,8 @@ use ractor::Actor;
 use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
+use crate::leadership::Leadership;
 use crate::domain::Secret;
 use crate::monitor::MonitorSettings;
 use crate::proxmox::members::MemberPolicy;
@@ -77,7 +79,7 @@ pub enum StartupError {
     )]
     KeyMissing(PathBuf),
     #[error(
-        "the key file {0} does not match the key the database's credentials were encrypted with"
+        "the key file {0} does not match the key the stored credentials were encrypted with"
     )]
     KeyMismatch(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
@@ -87,6 +89,13 @@ pub enum StartupError {
     },
     #[error("cannot start the registry: {0}")]
     Registry(String),
+    /// `storage.backend = "etcd"` in a binary built without the `etcd` feature.
+    #[error(
+        "storage.backend is etcd, but this binary was built without etcd support; build it with \
+         `cargo build --release --features etcd` (protoc is needed: apt install protobuf-compiler \
+         libprotobuf-dev)"
+    )]
+    EtcdNotBuilt,
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -125,17 +134,28 @@ pub async fn run(
         config.listen,
         config.api_allow_unauthenticated,
     )?);
-    let (store, vault, clusters) = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || open_state(&config.database, &config.key_file))
+    let store = open_store(&config).await?;
+    let (vault, clusters, revision) = {
+        let store = store.clone();
+        let key_file = config.key_file.clone();
+        tokio::task::spawn_blocking(move || open_state(&store, &key_file))
             .await
             .map_err(|e| StartupError::Registry(e.to_string()))??
     };
-    tracing::info!(
-        database = %config.database.display(),
-        clusters = clusters.len(),
-        "database opened"
-    );
+    match config.backend {
+        StorageBackend::Redb => tracing::info!(
+            database = %config.database.display(),
+            clusters = clusters.len(),
+            "database opened"
+        ),
+        StorageBackend::Etcd => tracing::info!(
+            endpoints = %config.etcd.endpoints.join(","),
+            prefix = %config.etcd.prefix,
+            clusters = clusters.len(),
+            instance = %leadership::instance_id(),
+            "registry loaded from etcd"
+        ),
+    }
     let budget = limits::FileBudget::new(open_files, config.max_connections);
     budget.log(config.max_connections, clusters.len());
 
@@ -161,11 +181,15 @@ pub async fn run(
         None,
         RegistryActor,
         RegistryArgs {
-            store,
+            store: store.clone(),
             vault: Arc::new(vault),
             clusters,
             settings,
             trust,
+            leadership: match config.backend {
+                StorageBackend::Redb => Leadership::standalone(),
+                StorageBackend::Etcd => Leadership::undecided(),
+            },
         },
     )
     .await
@@ -195,6 +219,7 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    share_the_store(&store, revision, &config, &registry, &stop_rx);
     let app = api::router(api::AppState {
         registry: registry.clone(),
         shutdown: stop_rx.clone(),
@@ -249,17 +274,69 @@ pub async fn run(
     served
 }
 
-/// Opens the store, unlocks the key and decrypts every stored credential, failing before
-/// anything is served if any of that is wrong.
+/// Opens redb, or connects to etcd.
+async fn open_store(config: &Config) -> Result<Store, StartupError> {
+    match config.backend {
+        StorageBackend::Redb => {
+            let database = config.database.clone();
+            tokio::task::spawn_blocking(move || Store::open(&database))
+                .await
+                .map_err(|e| StartupError::Registry(e.to_string()))?
+                .map_err(StartupError::from)
+        }
+        #[cfg(feature = "etcd")]
+        StorageBackend::Etcd => Ok(Store::Etcd(Box::new(
+            store::etcd::EtcdStore::connect(&config.etcd).await?,
+        ))),
+        #[cfg(not(feature = "etcd"))]
+        StorageBackend::Etcd => Err(StartupError::EtcdNotBuilt),
+    }
+}
+
+/// With etcd: runs the election and follows other instances' changes until shutdown.
+fn share_the_store(
+    store: &Store,
+    revision: Option<i64>,
+    config: &Config,
+    registry: &ractor::ActorRef<registry::RegistryMsg>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    match store {
+        Store::Redb(_) => {
+            let _ = (revision, config, registry, stop);
+        }
+        #[cfg(feature = "etcd")]
+        Store::Etcd(etcd) => {
+            tokio::spawn(leadership::election::run(
+                (**etcd).clone(),
+                leadership::instance_id(),
+                config.etcd.lease_ttl,
+                registry.clone(),
+                stop.clone(),
+            ));
+            tokio::spawn(registry::replication::follow(
+                (**etcd).clone(),
+                revision.unwrap_or(0),
+                registry.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+/// Unlocks the key and decrypts every stored credential, failing before anything is served
+/// if any of that is wrong. Clusters in a shared store start as stored: the leader's
+/// monitors, not this start, decide their status.
 fn open_state(
-    database: &Path,
+    store: &Store,
     key_file: &Path,
-) -> Result<(Store, Vault, Vec<Cluster>), StartupError> {
-    let store = Store::open(database)?;
-    let vault = unlock_vault(&store, key_file)?;
-    let mut histories = store.load_histories()?;
-    let clusters = store
-        .load_all()?
+) -> Result<(Vault, Vec<Cluster>, Option<i64>), StartupError> {
+    let vault = unlock_vault(store, key_file)?;
+    let loaded = store.load()?;
+    let shared = loaded.revision.is_some();
+    let mut histories = loaded.histories;
+    let clusters = loaded
+        .records
         .into_iter()
         .map(|record| {
             let secret = vault.open(&record.credential, record.id.as_bytes())?;
@@ -270,10 +347,14 @@ fn open_state(
                     message: "token credentials without a token id".into(),
                 })?;
             let history = histories.remove(&record.id).unwrap_or_default();
-            Ok(Cluster::loaded(record, credentials, history))
+            Ok(if shared {
+                Cluster::mirrored(record, credentials, history)
+            } else {
+                Cluster::loaded(record, credentials, history)
+            })
         })
         .collect::<Result<Vec<_>, StartupError>>()?;
-    Ok((store, vault, clusters))
+    Ok((vault, clusters, loaded.revision))
 }
 
 /// Loads the key, or creates one for a database that holds no secret yet. Never makes a new
@@ -289,15 +370,17 @@ fn unlock_vault(store: &Store, key_file: &Path) -> Result<Vault, StartupError> {
             Vault::create(key_file)?
         }
     };
-    match store.key_check()? {
-        Some(sealed) => match vault.open(&sealed, KEY_CHECK_CONTEXT) {
-            Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => {}
-            _ => return Err(StartupError::KeyMismatch(key_file.to_owned())),
-        },
+    let stored = match store.key_check()? {
+        Some(sealed) => sealed,
         None => {
             let sealed = vault.seal(&Secret::new(KEY_CHECK_PLAINTEXT), KEY_CHECK_CONTEXT)?;
             store.set_key_check(&sealed)?;
+            // With a shared store, another instance may have stored its own first: that wins.
+            store.key_check()?.unwrap_or(sealed)
         }
+    };
+    match vault.open(&stored, KEY_CHECK_CONTEXT) {
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(vault),
+        _ => Err(StartupError::KeyMismatch(key_file.to_owned())),
     }
-    Ok(vault)
 }

@@ -8,7 +8,7 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use crate::domain::ClusterStatus;
-use crate::registry::{ClusterSnapshot, RegistryMsg};
+use crate::registry::{HealthProblem, ClusterSnapshot, RegistryMsg};
 
 /// How often the status line is refreshed when no watchdog asks for more.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -61,11 +61,14 @@ pub fn spawn_supervision(registry: ActorRef<RegistryMsg>, mut stop: watch::Recei
                 _ = stop.wait_for(|stop| *stop) => return,
             }
             match call_t!(registry, RegistryMsg::Ping, reply_timeout_ms) {
-                Ok(Ok(_)) => {}
-                Ok(Err(reason)) => {
-                    tracing::error!(%reason, "withholding the watchdog ping");
-                    continue;
-                }
+                // An unreachable etcd is every instance's problem: restarting would not help.
+                Ok(report) => match report.problem {
+                    Some(HealthProblem::LocalWrites(reason)) => {
+                        tracing::error!(%reason, "withholding the watchdog ping");
+                        continue;
+                    }
+                    Some(HealthProblem::SharedStore(_)) | None => {}
+                },
                 Err(e) => {
                     tracing::error!(error = %e, "the registry did not answer; withholding the watchdog ping");
                     continue;

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::domain::ValidationError;
 use crate::proxmox::ProxmoxError;
 use crate::registry::RegistryError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -42,6 +43,8 @@ pub enum ApiError {
     Internal(String),
     /// The registry did not answer, or database writes are failing; `reason` says which.
     Unavailable { reason: String },
+    /// The shared store (etcd) cannot be reached: reads go on, writes cannot be committed.
+    StorageUnavailable { reason: String },
     /// Proxmox could not be reached or did not answer like Proxmox.
     BadGateway { details: Value },
     /// The API needs a bearer token and the request has none, or an unknown one.
@@ -114,6 +117,11 @@ impl ApiError {
                 "ServiceUnavailable",
                 "Service unavailable",
             ),
+            Self::StorageUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "Storage unavailable",
+            ),
             Self::BadGateway { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -148,7 +156,9 @@ impl ApiError {
             | Self::Forbidden { details }
             | Self::Conflict { details }
             | Self::BadGateway { details } => details.clone(),
-            Self::Unavailable { reason } => json!({ "reason": reason }),
+            Self::Unavailable { reason } | Self::StorageUnavailable { reason } => {
+                json!({ "reason": reason })
+            }
             Self::AuthenticationRequired | Self::AdminRoleRequired | Self::RequestTimeout => {
                 json!({})
             }
@@ -272,6 +282,13 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound => Self::ClusterNotFound,
             RegistryError::Invalid(e) => e.into(),
             RegistryError::Proxmox(e) => e.into(),
+            RegistryError::Store(StoreError::Gone) => Self::ClusterNotFound,
+            RegistryError::Store(StoreError::NameTaken) => Self::Conflict {
+                details: Value::Null,
+            },
+            RegistryError::Store(e @ StoreError::Unavailable(_)) => Self::StorageUnavailable {
+                reason: e.to_string(),
+            },
             RegistryError::Store(e) => Self::Internal(e.to_string()),
             RegistryError::Secrets(e) => Self::Internal(e.to_string()),
         }
@@ -301,9 +318,10 @@ mod tests {
             ApiError::AuthenticationRequired => 12,
             ApiError::AdminRoleRequired => 13,
             ApiError::RequestTimeout => 14,
+            ApiError::StorageUnavailable { .. } => 15,
         }
     }
-    const VARIANTS: usize = 15;
+    const VARIANTS: usize = 16;
 
     /// One error of every variant, with the status and code the v1 contract gives it (the
     /// specification and the README's error table).
@@ -385,6 +403,13 @@ mod tests {
                 ApiError::RequestTimeout,
                 StatusCode::REQUEST_TIMEOUT,
                 "RequestTimeout",
+            ),
+            (
+                ApiError::StorageUnavailable {
+                    reason: "storage unavailable: etcd is unreachable".to_owned(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
             ),
         ]
     }

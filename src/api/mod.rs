@@ -184,12 +184,17 @@ async fn method_not_allowed() -> ApiError {
             body = openapi::ErrorBody),
     ))]
 async fn health(State(state): State<AppState>) -> Result<Json<openapi::Health>, ApiError> {
-    let clusters = ask(&state.registry, RegistryMsg::Ping)
-        .await?
-        .map_err(|reason| ApiError::Unavailable { reason })?;
+    let report = ask(&state.registry, RegistryMsg::Ping).await?;
+    if let Some(problem) = report.problem {
+        return Err(ApiError::Unavailable {
+            reason: problem.reason().to_owned(),
+        });
+    }
     Ok(Json(openapi::Health {
         status: "ok".to_owned(),
-        clusters,
+        clusters: report.clusters,
+        role: report.role,
+        leader: report.leader,
     }))
 }
 

@@ -87,13 +87,17 @@ pub struct ErrorBody {
     pub details: Option<Value>,
 }
 
-/// `{"status": "ok", "clusters": N}`.
+/// `{"status": "ok", "clusters": N, "role": ..., "leader": ...}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// Always `ok` in a 200.
     pub status: String,
     /// How many clusters are registered.
     pub clusters: usize,
+    /// `standalone` with redb; `leader` or `follower` among instances sharing etcd.
+    pub role: crate::leadership::Role,
+    /// The id (host:pid) of the instance running the monitors, when one is known.
+    pub leader: Option<String>,
 }
 
 /// This document.

@@ -19,16 +19,18 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use crate::cluster::{CheckOutcome, Cluster, ClusterView};
 use crate::domain::{ClusterId, ClusterName, Credentials, Endpoint, StatusReason, ValidationError};
 use crate::events::{EventHub, EventKind, Subscription};
+use crate::leadership::{Leadership, Role};
 #[cfg(test)]
 use crate::monitor::MonitorMsg;
 use crate::monitor::MonitorSettings;
 use crate::proxmox::members::MemberReport;
 use crate::proxmox::{ProbeReport, ProxmoxError};
 use crate::secrets::{SecretsError, Vault};
-use crate::store::{Store, StoreError, WriteBatch};
+use crate::store::{RemoteChange, Store, StoreError, WriteBatch};
 use crate::tls::{Fingerprint, TrustAnchors};
 
 mod registration;
+pub(crate) mod replication;
 mod settings;
 mod supervision;
 /// What GET answers, rendered ahead of time.
@@ -143,9 +145,19 @@ pub enum RegistryMsg {
     /// The check asked for (in the given round) is past its deadline: answer with what is
     /// known.
     CheckNowExpired(ClusterId, u64),
-    /// Answers with the number of clusters, proof the registry is alive, or why it is not
-    /// healthy: the last write to the database failed.
-    Ping(RpcReplyPort<Result<usize, String>>),
+    /// Answers with the number of clusters and the leadership, proof the registry is alive,
+    /// or why it is not healthy: the last write failed, or the shared store is unreachable.
+    Ping(RpcReplyPort<HealthReport>),
+    /// The election changed this instance's part or the leader it follows.
+    Leadership(Leadership),
+    /// Changes stored by other instances (and echoes of our own); with `full`, everything
+    /// stored, after the watch had to start over.
+    Remote {
+        /// Whether `changes` is the whole registry.
+        full: bool,
+        /// The changes, oldest first.
+        changes: Vec<RemoteChange>,
+    },
     /// Subscribes to change events, replaying those after the given event id.
     Subscribe(Option<u64>, RpcReplyPort<Subscription>),
     /// Figures for `/metrics` and systemd's status line.
@@ -180,6 +192,38 @@ pub enum RegistryMsg {
     MonitorOf(ClusterId, RpcReplyPort<Option<ActorRef<MonitorMsg>>>),
 }
 
+/// What `/health` reports of a registry that answers.
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    /// Registered clusters.
+    pub clusters: usize,
+    /// This instance's part.
+    pub role: Role,
+    /// The leading instance's id, when one is known.
+    pub leader: Option<String>,
+    /// Why the registry is not healthy, if it is not.
+    pub problem: Option<HealthProblem>,
+}
+
+/// Why `/health` answers 503.
+#[derive(Debug, Clone)]
+pub enum HealthProblem {
+    /// Writes to this instance's own database fail: a restart may help.
+    LocalWrites(String),
+    /// The shared store (etcd) cannot be reached or written; every instance sees this, and
+    /// restarting them would not help.
+    SharedStore(String),
+}
+
+impl HealthProblem {
+    /// The reason, for the 503's details and the log.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::LocalWrites(reason) | Self::SharedStore(reason) => reason,
+        }
+    }
+}
+
 /// The registry actor; its state is [`RegistryState`].
 pub struct RegistryActor;
 
@@ -204,6 +248,8 @@ pub struct RegistryArgs {
     pub settings: RegistrySettings,
     /// TLS trust for Proxmox.
     pub trust: TrustAnchors,
+    /// Standalone with redb; with etcd, undecided until the election reports.
+    pub leadership: Leadership,
 }
 
 /// The registry's state; only its own handlers touch it.
@@ -236,6 +282,8 @@ pub struct RegistryState {
     check_waiters: HashMap<ClusterId, supervision::CheckWaiters>,
     /// Tells one round of asked-for checks from the next.
     next_check_round: u64,
+    /// This instance's part among instances sharing a store.
+    leadership: Leadership,
 }
 
 impl RegistryState {
@@ -297,6 +345,7 @@ impl Actor for RegistryActor {
             patches: HashMap::new(),
             check_waiters: HashMap::new(),
             next_check_round: 0,
+            leadership: args.leadership,
         })
     }
 
@@ -317,8 +366,15 @@ impl Actor for RegistryActor {
                 state.dirty.insert(*id);
             }
         }
-        for id in ids {
-            spawn_monitor(&myself, state, id, None, false).await;
+        metrics::gauge!("proxmoxer_leader").set(if state.leadership.role == Role::Leader {
+            1.0
+        } else {
+            0.0
+        });
+        if state.leadership.role.runs_monitors() {
+            for id in ids {
+                spawn_monitor(&myself, state, id, None, false).await;
+            }
         }
         myself.send_interval(FLUSH_INTERVAL, || RegistryMsg::Flush);
         myself.send_interval(STALE_SWEEP_INTERVAL, || RegistryMsg::SweepStale);
@@ -374,11 +430,29 @@ impl Actor for RegistryActor {
                 supervision::answer_check_waiters(state, id, Some(round));
             }
             RegistryMsg::Ping(reply) => {
-                let health = match state.writer.failure() {
-                    None => Ok(state.clusters.len()),
-                    Some(error) => Err(format!("database writes are failing: {error}")),
+                let shared = state.leadership.role != Role::Standalone;
+                let problem = match (&state.leadership.storage_error, state.writer.failure()) {
+                    (Some(error), _) => Some(HealthProblem::SharedStore(error.clone())),
+                    (None, Some(error)) if shared => Some(HealthProblem::SharedStore(format!(
+                        "storage unavailable: {error}"
+                    ))),
+                    (None, Some(error)) => Some(HealthProblem::LocalWrites(format!(
+                        "database writes are failing: {error}"
+                    ))),
+                    (None, None) => None,
                 };
-                let _ = reply.send(health);
+                let _ = reply.send(HealthReport {
+                    clusters: state.clusters.len(),
+                    role: state.leadership.role,
+                    leader: state.leadership.leader.clone(),
+                    problem,
+                });
+            }
+            RegistryMsg::Leadership(leadership) => {
+                replication::on_leadership(&myself, state, leadership).await;
+            }
+            RegistryMsg::Remote { full, changes } => {
+                replication::on_remote(&myself, state, full, changes).await;
             }
             RegistryMsg::Subscribe(last_event_id, reply) => {
                 let _ = reply.send(state.events.subscribe(last_event_id));
@@ -544,6 +618,15 @@ fn render(state: &mut RegistryState, id: ClusterId, with_history: bool) {
 /// happens, not per request.
 fn sweep_stale(state: &mut RegistryState) {
     let stale_after = state.stale_after();
+    // A follower's clusters are as fresh as the leader's work on them: the leader stores a
+    // stale status when it sees one. With nobody leading, they go stale as a monitor would.
+    let leader_at_work = state.leadership.leader.is_some()
+        && state.leadership.storage_error.is_none();
+    if !state.leadership.role.runs_monitors() && leader_at_work {
+        for cluster in state.clusters.values_mut() {
+            cluster.mark_observed();
+        }
+    }
     let flipped: Vec<ClusterId> = state
         .clusters
         .values()
@@ -552,6 +635,10 @@ fn sweep_stale(state: &mut RegistryState) {
         .collect();
     for id in flipped {
         render(state, id, false);
+        // Followers learn of it from the stored status.
+        if state.leadership.role == Role::Leader {
+            state.dirty.insert(id);
+        }
     }
 }
 
@@ -569,6 +656,7 @@ fn flush(state: &mut RegistryState) {
     if state.dirty.is_empty() {
         return;
     }
+    let stale_after = state.stale_after();
     let mut batch = WriteBatch::default();
     let mut held_back = HashSet::new();
     for id in std::mem::take(&mut state.dirty) {
@@ -579,7 +667,16 @@ fn flush(state: &mut RegistryState) {
             continue;
         }
         if let Some(cluster) = state.clusters.get_mut(&id) {
-            batch.merge(writer::batch_of(cluster));
+            let mut part = writer::batch_of(cluster);
+            // Followers show what is stored: a stale status is stored as shown.
+            if state.leadership.role == Role::Leader
+                && cluster.is_stale(stale_after)
+                && let Some(record) = part.records.get_mut(&id)
+            {
+                record.status = crate::domain::ClusterStatus::Unknown;
+                record.status_reason = StatusReason::Stale;
+            }
+            batch.merge(part);
         }
     }
     state.dirty = held_back;
@@ -671,6 +768,7 @@ mod tests {
                     failure_threshold: 3,
                 },
                 trust: TrustAnchors::load(None, false).expect("trust anchors"),
+                leadership: Leadership::standalone(),
             },
         )
         .await

@@ -164,7 +164,8 @@ fn store_registration(
         active_endpoint: Some(request.endpoint),
     };
     let mut cluster = Cluster::registered(record, request.credentials);
-    let batch = writer::batch_of(&mut cluster);
+    let mut batch = writer::batch_of(&mut cluster);
+    batch.creates.push(id);
     let stored = state.writer.write_durably(batch);
     let registry = myself.clone();
     tokio::spawn(async move {

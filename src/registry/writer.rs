@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Store, StoreError, WriteBatch};
+use crate::store::{CommitOutcome, Store, StoreError, WriteBatch};
 
 /// The first retry after a failed commit, doubling up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -100,8 +100,11 @@ async fn run(
                 () = tokio::time::sleep_until(next_retry) => {
                     if pending.is_empty() {
                         probe(&store, &health).await;
-                    } else if commit(&store, pending.clone(), &health).await.is_ok() {
-                        pending = WriteBatch::default();
+                    } else {
+                        let outcome = commit(&store, pending.clone(), Vec::new(), &health).await;
+                        if !matches!(outcome.background, Err(StoreError::Database(_) | StoreError::Unavailable(_))) {
+                            pending = WriteBatch::default();
+                        }
                     }
                     retry_delay = if health.borrow().is_none() {
                         FIRST_RETRY_DELAY
@@ -118,20 +121,20 @@ async fn run(
         let Some(first) = first else {
             // Every handle is gone: a last attempt at what is pending, then stop.
             if !pending.is_empty() {
-                let _ = commit(&store, pending, &health).await;
+                let _ = commit(&store, pending, Vec::new(), &health).await;
             }
             return;
         };
-        // Whatever else is already queued joins this transaction.
+        // Whatever else is already queued joins this commit.
         let mut durable = Vec::new();
-        let mut durable_batch = WriteBatch::default();
+        let mut durable_batches = Vec::new();
         let mut syncs = Vec::new();
         let mut background = std::mem::take(&mut pending);
         let mut next = Some(first);
         while let Some(job) = next {
             match job {
                 Job::Durable(part, done) => {
-                    durable_batch.merge(part);
+                    durable_batches.push(part);
                     durable.push(done);
                 }
                 Job::Background(part) => background.merge(part),
@@ -140,25 +143,24 @@ async fn run(
             next = jobs.try_recv().ok();
         }
         if failing && durable.is_empty() {
-            // Monitor results wait for the next retry rather than hammering a failing disk.
+            // Monitor results wait for the next retry rather than hammering a failing store.
             pending = background;
-        } else if !background.is_empty() || !durable_batch.is_empty() {
-            let mut batch = background.clone();
-            batch.merge(durable_batch.clone());
-            let mut result = commit(&store, batch, &health).await;
-            if result.is_err() && !durable.is_empty() && !background.is_empty() {
-                // Whatever made the monitor results fail must not fail registrations and
-                // deletions too: those get an attempt of their own.
-                result = commit(&store, durable_batch, &health).await;
-            } else if result.is_ok() {
-                background = WriteBatch::default();
-            }
-            for done in durable {
-                let _ = done.send(result.clone().map_err(StoreError::Database));
+        } else if !background.is_empty() || !durable.is_empty() {
+            let outcome = commit(&store, background.clone(), durable_batches, &health).await;
+            for (done, result) in durable.into_iter().zip(outcome.durable) {
+                let _ = done.send(result);
             }
             // Only monitor results are kept for the retry: a failed registration or deletion
             // was answered with an error and must not happen later behind the client's back.
-            pending = background;
+            // Results a deposed leader wrote are dropped: the new leader has its own.
+            pending = match outcome.background {
+                Err(StoreError::NotLeader) => {
+                    tracing::warn!("monitor results dropped: no longer the leader");
+                    WriteBatch::default()
+                }
+                Err(_) => background,
+                Ok(()) => WriteBatch::default(),
+            };
             if health.borrow().is_some() {
                 next_retry = tokio::time::Instant::now() + retry_delay;
             } else {
@@ -171,29 +173,43 @@ async fn run(
     }
 }
 
-/// Commits `batch` and records the outcome as the writer's health; the error as text.
+/// Commits and records the outcome as the writer's health. A rejected status write of a
+/// deposed leader or a taken name says nothing about the storage's health.
 async fn commit(
     store: &Store,
-    batch: WriteBatch,
+    background: WriteBatch,
+    durable: Vec<WriteBatch>,
     health: &watch::Sender<Option<String>>,
-) -> Result<(), String> {
+) -> CommitOutcome {
     let store = store.clone();
-    let result = tokio::task::spawn_blocking(move || store.apply(&batch))
+    let count = durable.len();
+    let outcome = tokio::task::spawn_blocking(move || store.commit(&background, &durable))
         .await
-        .unwrap_or_else(|e| Err(StoreError::Database(format!("the commit task failed: {e}"))));
-    match result {
-        Ok(()) => {
-            if health.send_replace(None).is_some() {
-                tracing::info!("database writes succeed again");
+        .unwrap_or_else(|e| {
+            let failed = StoreError::Database(format!("the commit task failed: {e}"));
+            CommitOutcome {
+                background: Err(failed.clone()),
+                durable: vec![Err(failed); count],
             }
-            Ok(())
+        });
+    let failure = std::iter::once(&outcome.background)
+        .chain(&outcome.durable)
+        .find_map(|result| match result {
+            Err(StoreError::NotLeader | StoreError::NameTaken) | Ok(()) => None,
+            Err(e) => Some(e),
+        });
+    match failure {
+        None => {
+            if health.send_replace(None).is_some() {
+                tracing::info!("storage writes succeed again");
+            }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot write to the database; will retry");
+        Some(e) => {
+            tracing::error!(error = %e, "cannot write to the storage; will retry");
             health.send_replace(Some(e.to_string()));
-            Err(e.to_string())
         }
     }
+    outcome
 }
 
 async fn probe(store: &Store, health: &watch::Sender<Option<String>>) {

@@ -1,9 +1,9 @@
-//! The redb-backed cluster table. Only the registry writes to it.
+//! The embedded redb backend: one file, one instance.
 //!
 //! redb is synchronous (`commit` fsyncs), so callers run these methods on a blocking thread.
 //! Records are versioned JSON: a schema change is a new `format`, not a redb type mismatch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use redb::{
     TableDefinition,
 };
 
+use super::{CommitOutcome, StoreError, WriteBatch};
 use crate::cluster::{ClusterRecord, Transition};
 use crate::domain::ClusterId;
 use crate::secrets::SealedSecret;
@@ -29,29 +30,10 @@ const HISTORY: TableDefinition<(ClusterId, u64), &[u8]> = TableDefinition::new("
 /// Set to a file path, every commit first reads it: `stall <ms>` delays the commit, `fail`
 /// fails it. Lets tests exercise a slow or failing disk from outside the process.
 pub const FAULT_FILE_ENV: &str = "PROXMOXER_STORE_FAULT_FILE";
-/// Written by [`Store::probe`]; its value means nothing.
+/// Written by [`RedbStore::probe`]; its value means nothing.
 const WRITE_PROBE: &str = "write_probe";
 /// A value sealed under the key, so a wrong key is caught at start, before any cluster is read.
 const KEY_CHECK: &str = "key_check";
-
-/// Why the database could not be opened, read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Another process holds the database file.
-    #[error(
-        "database {0} is in use by another process (is another proxmoxer running?); nothing was changed"
-    )]
-    InUse(PathBuf),
-    /// The file or its directory cannot be created or opened.
-    #[error("cannot open database {path}: {message}")]
-    Open { path: PathBuf, message: String },
-    /// A transaction failed, e.g. the disk is full or failing.
-    #[error("database error: {0}")]
-    Database(String),
-    /// A stored value does not decode.
-    #[error("stored record {id} is unreadable: {message}")]
-    Corrupt { id: String, message: String },
-}
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(
@@ -68,46 +50,6 @@ db_err!(
     redb::StorageError,
     redb::CommitError
 );
-
-/// Changes to store in one transaction.
-#[derive(Debug, Default, Clone)]
-pub struct WriteBatch {
-    /// Records to insert or replace, the newest per cluster.
-    pub records: BTreeMap<ClusterId, ClusterRecord>,
-    /// History rows to add: cluster, sequence number, transition.
-    pub history: Vec<(ClusterId, u64, Transition)>,
-    /// Per cluster, history rows with a sequence number below this are dropped (the cap).
-    pub trims: BTreeMap<ClusterId, u64>,
-    /// Clusters to delete with their history.
-    pub deletes: Vec<ClusterId>,
-}
-
-impl WriteBatch {
-    /// Whether there is nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-            && self.history.is_empty()
-            && self.trims.is_empty()
-            && self.deletes.is_empty()
-    }
-
-    /// Adds `later` to this batch: its records replace older ones, its deletions drop what
-    /// this batch held for those clusters.
-    pub fn merge(&mut self, later: WriteBatch) {
-        self.records.extend(later.records);
-        self.history.extend(later.history);
-        for (id, below) in later.trims {
-            let trim = self.trims.entry(id).or_insert(below);
-            *trim = (*trim).max(below);
-        }
-        for id in later.deletes {
-            self.records.remove(&id);
-            self.history.retain(|(history_id, _, _)| *history_id != id);
-            self.trims.remove(&id);
-            self.deletes.push(id);
-        }
-    }
-}
 
 /// Moves histories stored as one array per cluster into rows.
 fn migrate_history(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -136,14 +78,14 @@ fn migrate_history(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A handle to the database. Clones share it.
+/// A handle to the redb database. Clones share it.
 #[derive(Clone)]
-pub struct Store {
+pub struct RedbStore {
     db: Arc<Database>,
     fault_file: Option<PathBuf>,
 }
 
-impl Store {
+impl RedbStore {
     /// Opens or creates the database with mode 0600. Fails fast, touching nothing, when another
     /// process holds it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -228,6 +170,30 @@ impl Store {
                 .push((sequence, transition));
         }
         Ok(histories)
+    }
+
+    /// Monitor results and durable writes in one transaction; when that fails, the durable
+    /// writes get an attempt of their own, so whatever broke the monitor results does not
+    /// fail registrations and deletions too.
+    pub fn commit(&self, background: &WriteBatch, durable: &[WriteBatch]) -> CommitOutcome {
+        let mut durable_batch = WriteBatch::default();
+        for part in durable {
+            durable_batch.merge(part.clone());
+        }
+        let mut combined = background.clone();
+        combined.merge(durable_batch.clone());
+        let result = self.apply(&combined);
+        let (background_result, durable_result) = match result {
+            Ok(()) => (Ok(()), Ok(())),
+            Err(e) if !durable.is_empty() && !background.is_empty() => {
+                (Err(e), self.apply(&durable_batch))
+            }
+            Err(e) => (Err(e.clone()), Err(e)),
+        };
+        CommitOutcome {
+            background: background_result,
+            durable: durable.iter().map(|_| durable_result.clone()).collect(),
+        }
     }
 
     /// Applies a batch in one durable transaction: when this returns, it survives a crash.
