@@ -45,13 +45,16 @@ const MAX_ETCD_LEASE_TTL: Duration = Duration::from_secs(300);
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The configuration file cannot be read.
     #[error("cannot read configuration file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file is not TOML, or has an unknown key or a value of the wrong type.
     #[error("invalid configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// A value is out of range or malformed; `key` names the key or environment variable.
     #[error("invalid value for {key}: {message}")]
     Invalid { key: String, message: String },
 }
