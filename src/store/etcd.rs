@@ -273,9 +273,22 @@ impl EtcdStore {
     /// See [`super::Store::commit`].
     pub fn commit(&self, background: &WriteBatch, durable: &[WriteBatch]) -> CommitOutcome {
         self.block(async {
-            let mut outcomes = Vec::with_capacity(durable.len());
-            for batch in durable {
-                outcomes.push(self.write_durably_retrying(batch).await);
+            // Concurrently: etcd commits what arrives together in one raft round.
+            let mut writes = tokio::task::JoinSet::new();
+            for (index, batch) in durable.iter().cloned().enumerate() {
+                let store = self.clone();
+                writes.spawn(async move { (index, store.write_durably_retrying(&batch).await) });
+            }
+            let mut outcomes: Vec<Result<(), StoreError>> = durable
+                .iter()
+                .map(|_| Err(StoreError::Unavailable("the write task failed".into())))
+                .collect();
+            while let Some(done) = writes.join_next().await {
+                if let Ok((index, outcome)) = done
+                    && let Some(slot) = outcomes.get_mut(index)
+                {
+                    *slot = outcome;
+                }
             }
             let background = if background.is_empty() {
                 Ok(())
@@ -324,7 +337,8 @@ impl EtcdStore {
     }
 
     /// Writes a cluster's settings record, guarding its name and, for an existing cluster,
-    /// that nobody deleted it meanwhile.
+    /// that nobody deleted it meanwhile. A new cluster takes one round trip: its transaction
+    /// needs neither key to exist yet.
     async fn upsert(
         &self,
         record: &ClusterRecord,
@@ -336,7 +350,41 @@ impl EtcdStore {
         let cluster_key = keys.cluster(record.id);
         let name_key = keys.name(record.name.as_str());
         let value = encode("record", record)?;
+        let mut writes = vec![
+            TxnOp::put(cluster_key.as_str(), value, None),
+            TxnOp::put(name_key.as_str(), record.id.to_string(), None),
+        ];
+        for (sequence, transition) in history {
+            writes.push(TxnOp::put(
+                keys.history(record.id, *sequence),
+                encode("history", transition)?,
+                None,
+            ));
+        }
+        if let Some(below) = trim {
+            writes.push(TxnOp::delete(
+                keys.history(record.id, 0),
+                Some(DeleteOptions::new().with_range(keys.history(record.id, below))),
+            ));
+        }
         let mut kv = self.kv();
+        if creates {
+            let response = kv
+                .txn(
+                    Txn::new()
+                        .when([
+                            Compare::create_revision(cluster_key.as_str(), CompareOp::Equal, 0),
+                            Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0),
+                        ])
+                        .and_then(writes.clone()),
+                )
+                .await
+                .map_err(unavailable)?;
+            if response.succeeded() {
+                return Ok(());
+            }
+            // The name is taken, or an earlier attempt of this very write landed: see below.
+        }
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let current = kv
                 .get(cluster_key.as_str(), None)
@@ -355,10 +403,7 @@ impl EtcdStore {
                 CompareOp::Equal,
                 revision,
             )];
-            let mut ops = vec![
-                TxnOp::put(cluster_key.as_str(), value.clone(), None),
-                TxnOp::put(name_key.as_str(), record.id.to_string(), None),
-            ];
+            let mut ops = writes.clone();
             if old_name.as_deref() != Some(record.name.as_str()) {
                 compares.push(Compare::create_revision(
                     name_key.as_str(),
@@ -368,19 +413,6 @@ impl EtcdStore {
                 if let Some(old) = &old_name {
                     ops.push(TxnOp::delete(keys.name(old), None));
                 }
-            }
-            for (sequence, transition) in history {
-                ops.push(TxnOp::put(
-                    keys.history(record.id, *sequence),
-                    encode("history", transition)?,
-                    None,
-                ));
-            }
-            if let Some(below) = trim {
-                ops.push(TxnOp::delete(
-                    keys.history(record.id, 0),
-                    Some(DeleteOptions::new().with_range(keys.history(record.id, below))),
-                ));
             }
             let response = kv
                 .txn(Txn::new().when(compares).and_then(ops))
