@@ -315,7 +315,8 @@ async fn killing_the_leader_hands_monitoring_to_another_instance() {
     assert!(
         took_over,
         "within {deadline:?} of killing the leader: new leader after {leader_after:?}, \
-         offline node seen after {degraded_after:?}; survivors show {last:?}"
+         offline node seen after {degraded_after:?}; survivors show {}",
+        summaries(&last)
     );
 
     let new = leader_among(&survivors).await.expect("a leader");
@@ -466,7 +467,8 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
     assert!(
         took_over,
         "within {deadline:?} of freezing the leader no other instance led and showed the \
-         offline node; they show {last:?}"
+         offline node; they show {}",
+        summaries(&last)
     );
     let new = leader_among(&others).await.expect("a leader");
     let new_id = leader_id(others[new]).await;
@@ -1041,8 +1043,28 @@ async fn wait_until_all_show(apps: &[&TestApp], id: &str, status: &str, reason: 
     .await;
     assert!(
         shown,
-        "not every instance shows {status}/{reason}: {last:?}"
+        "not every instance shows {status}/{reason}: {}",
+        summaries(&last)
     );
+}
+
+/// One line per snapshot for assertion messages: status, reason and when it was last checked.
+fn summaries(snapshots: &[Value]) -> String {
+    snapshots
+        .iter()
+        .map(|c| {
+            format!(
+                "[{} {}/{} nodes_online {} last_checked_at {} updated_at {}]",
+                c["name"],
+                c["status"],
+                c["status_reason"],
+                c["nodes_online"],
+                c["last_checked_at"],
+                c["updated_at"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn wait_until_visible(app: &TestApp, id: &str) {
