@@ -11,11 +11,13 @@
 //! - [`events`]: the change feed behind `GET /api/v1/events`.
 //! - [`metrics`]: Prometheus exposition.
 //! - [`proxmox`]: the typed Proxmox VE API client.
-//! - [`store`]: the redb cluster table.
+//! - [`store`]: where the registry is stored: redb, or etcd shared by several instances.
 //! - [`secrets`]: the AEAD envelope and key file for stored credentials.
 //! - [`tls`]: certificate trust for Proxmox: fingerprint pins, CA files.
 //! - [`systemd`]: readiness, status line and watchdog.
 //! - [`limits`]: the open-files limit, shared between API connections and monitors.
+//! - [`leadership`]: which instance runs the monitors; the etcd election.
+//! - [`migrate`]: copying a redb registry into etcd.
 //! - [`cli`]: the terminal commands `status` and `watch`, clients of a running daemon's API.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
@@ -29,6 +31,7 @@ pub mod events;
 pub mod leadership;
 pub mod limits;
 pub mod metrics;
+pub mod migrate;
 pub mod monitor;
 pub mod proxmox;
 pub mod registry;
@@ -359,7 +362,7 @@ fn open_state(
 
 /// Loads the key, or creates one for a database that holds no secret yet. Never makes a new
 /// key over existing secrets: they would be lost.
-fn unlock_vault(store: &Store, key_file: &Path) -> Result<Vault, StartupError> {
+pub(crate) fn unlock_vault(store: &Store, key_file: &Path) -> Result<Vault, StartupError> {
     let vault = match Vault::load(key_file)? {
         Some(vault) => vault,
         None if store.holds_secrets()? => {

@@ -56,6 +56,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a redb registry into etcd (storage.etcd.* and the key file from the
+    /// configuration). Clusters keep their ids, so a second run copies nothing twice; a
+    /// different cluster of the same name in etcd stops it.
+    Migrate {
+        /// The redb database to copy, e.g. /var/lib/proxmoxer/proxmoxer.redb (the daemon
+        /// using it must be stopped).
+        #[arg(long = "from-redb", value_name = "PATH")]
+        from_redb: PathBuf,
+    },
     /// Print a line whenever a cluster is registered, deregistered or changes status, until
     /// interrupted.
     Watch {
@@ -145,6 +154,7 @@ fn main() -> ExitCode {
                 Err(e) => status::no_answer(&e),
             }
         }
+        Command::Migrate { from_redb } => migrate(cli.config, &from_redb),
         Command::Watch { daemon } => {
             match Daemon::resolve(daemon.url, daemon.token, cli.config.as_deref()) {
                 Ok(daemon) => watch::run(&daemon),
@@ -272,6 +282,31 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
         ),
     }
     ExitCode::SUCCESS
+}
+
+fn migrate(config_path: Option<PathBuf>, database: &std::path::Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(proxmoxer::migrate::from_redb(&config, database)) {
+        Ok(report) => {
+            println!(
+                "copied {} cluster(s) from {} into etcd ({} under {}); {} were there already",
+                report.copied,
+                database.display(),
+                config.etcd.endpoints.join(","),
+                config.etcd.prefix,
+                report.present
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
 }
 
 fn fingerprint(url: &str) -> ExitCode {

@@ -668,9 +668,14 @@ async fn health_answers_with_the_cluster_count() {
     let app = TestApp::spawn().await;
     let response = app.get_health().await;
     assert_eq!(response.status(), StatusCode::OK);
+    let body = response.json::<Value>().await.expect("JSON");
+    // One instance on redb leads itself; its id is host:pid.
+    let pid = app.pid().expect("pid");
+    let leader = body["leader"].as_str().expect("leader id").to_owned();
+    assert!(leader.ends_with(&format!(":{pid}")), "{body}");
     assert_eq!(
-        response.json::<Value>().await.expect("JSON"),
-        json!({"status": "ok", "clusters": 0})
+        body,
+        json!({"status": "ok", "clusters": 0, "role": "standalone", "leader": leader})
     );
     app.post_clusters(&register_body(&fake, "prod")).await;
     let body: Value = app.get_health().await.json().await.expect("JSON");
