@@ -692,6 +692,12 @@ async fn migrate_copies_a_redb_registry_into_etcd_once_and_refuses_a_different_n
     assert_eq!(identities(&app).await, expected);
     let fetched = fetch_cluster(&app, &id_of(&alpha)).await;
     assert_eq!(fetched["proxmox_version"], alpha["proxmox_version"]);
+    // The credentials came along sealed with the same key: the leader logs in with them anew.
+    fake.invalidate_tickets();
+    fake.set_node_online("pve3", false);
+    wait_until_all_show(&[&app], &id_of(&alpha), "degraded", "node_offline").await;
+    wait_until_all_show(&[&app], &id_of(&beta), "degraded", "node_offline").await;
+    fake.set_node_online("pve3", true);
 
     let again = registry.migrate(&redb.db_path()).await;
     assert!(again.status.success(), "a second run: {}", describe(&again));
