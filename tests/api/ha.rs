@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::etcd_server::{EtcdCluster, EtcdServer};
@@ -192,6 +192,28 @@ async fn a_write_on_one_instance_shows_on_the_others() {
         let list = list_clusters(app).await;
         assert_eq!(list["total"], 3, "{list}");
     }
+
+    // A rename on one instance shows on the others; a name taken through another instance is
+    // refused.
+    let renamed = id_of(&registered[1]);
+    let (status, body) = patch(&apps[0], &renamed, &json!({"name": "renamed"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let renamed_at = Instant::now();
+    for (reader, other) in apps.iter().enumerate().skip(1) {
+        let shown = wait_until(
+            async || fetch_cluster(other, &renamed).await["name"] == "renamed",
+            VISIBLE_WITHIN,
+        )
+        .await;
+        assert!(shown, "the rename did not reach instance {reader}");
+        report(&format!(
+            "rename on instance 0 seen on instance {reader} after {:?}",
+            renamed_at.elapsed()
+        ));
+    }
+    let (status, body) = patch(&apps[2], &renamed, &json!({"name": "visible-0"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "Conflict", "{body}");
 
     // A delete on one instance removes it from the others.
     let gone = id_of(&registered[0]);
@@ -573,9 +595,11 @@ async fn an_etcd_outage_keeps_reads_refuses_writes_and_heals_by_itself() {
                 .await,
         )
         .await;
-        assert_unavailable(status, &body);
+        assert_unavailable("POST during the outage", status, &body);
+        let (status, body) = patch(app, &id, &json!({"name": "renamed"})).await;
+        assert_unavailable("PATCH during the outage", status, &body);
         let (status, body) = json_of(app.delete_cluster(&id).await).await;
-        assert_unavailable(status, &body);
+        assert_unavailable("DELETE during the outage", status, &body);
     }
 
     etcd.start().await;
@@ -604,7 +628,11 @@ async fn an_etcd_outage_keeps_reads_refuses_writes_and_heals_by_itself() {
     wait_until_visible(&apps[0], &after).await;
     for app in &mut apps {
         let names = cluster_names(app).await;
-        assert_eq!(names.len(), 2, "nothing refused was stored: {names:?}");
+        assert_eq!(
+            names,
+            ["after", "before"],
+            "nothing refused was stored, renamed or deleted"
+        );
         assert!(app.is_running(), "the daemons were never restarted");
     }
     let pids_after: Vec<Option<u32>> = apps.iter().map(TestApp::pid).collect();
@@ -1011,12 +1039,15 @@ async fn identities(app: &TestApp) -> Vec<(String, String, String, String)> {
     identities
 }
 
+/// Every listed cluster's name, sorted.
 async fn cluster_names(app: &TestApp) -> Vec<String> {
-    cluster_ids_by_name(app)
+    let mut names: Vec<String> = cluster_ids_by_name(app)
         .await
         .into_iter()
         .map(|(name, _)| name)
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 /// `(name, id)` of every cluster listed; the whole list, however long.
@@ -1082,11 +1113,23 @@ async fn wait_until_visible(app: &TestApp, id: &str) {
     assert!(visible, "cluster {id} never showed on {}", app.base_url());
 }
 
-fn assert_unavailable(status: StatusCode, body: &Value) {
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["code"], "ServiceUnavailable", "{body}");
-    assert_eq!(body["message"], UNAVAILABLE_MESSAGE, "{body}");
-    assert!(body["details"].is_object(), "{body}");
+/// `PATCH /api/v1/clusters/{id}` with `body`.
+async fn patch(app: &TestApp, id: &str, body: &Value) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .patch(app.api_url(&format!("/clusters/{id}")))
+        .json(body)
+        .send()
+        .await
+        .expect("PATCH /api/v1/clusters/{id}");
+    json_of(response).await
+}
+
+fn assert_unavailable(what: &str, status: StatusCode, body: &Value) {
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {body}");
+    assert_eq!(body["code"], "ServiceUnavailable", "{what}: {body}");
+    assert_eq!(body["message"], UNAVAILABLE_MESSAGE, "{what}: {body}");
+    assert!(body["details"].is_object(), "{what}: {body}");
 }
 
 /// Prints past the test harness's capture, for figures worth seeing in every run.
