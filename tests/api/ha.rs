@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+use reqwest::header::{ETAG, IF_NONE_MATCH};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -24,7 +25,7 @@ use crate::fake_pve::FakePve;
 use crate::helpers::{
     STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, fake_pve, fetch_cluster, history, id_of,
     json_of, list_clusters, proxmoxer_command, register_body, register_fake, register_fake_id,
-    wait_until,
+    wait_for_member_probes, wait_until,
 };
 
 /// `PROXMOXER_STORAGE_ETCD_LEASE_TTL` of every instance.
@@ -43,7 +44,12 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// registry is checked for its late writes: about two seconds of monitoring.
 const CHECKS_AFTER_RESUME: u64 = 10;
 /// The daemon's debug logs without one line per request: the tests poll `/health` every 20 ms.
-const LOG_FILTER: &str = "info,proxmoxer=debug,proxmoxer::api=info";
+/// Keeps the line each held blocking query logs.
+const LOG_FILTER: &str = "info,proxmoxer=debug,proxmoxer::api=info,proxmoxer::api::clusters=debug";
+/// What the daemon logs, at debug, each time it starts holding a blocking query.
+const HELD_LOG: &str = "holding a blocking query";
+/// Bound for a held request: over its 30 s wait.
+const HELD_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const STEPPED_DOWN_LOG: &str = "no longer the leader";
 const UNAVAILABLE_MESSAGE: &str = "Storage unavailable";
 
@@ -232,6 +238,53 @@ async fn a_write_on_one_instance_shows_on_the_others() {
             deleted_at.elapsed()
         ));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_read_on_a_follower_is_released_by_changes_made_elsewhere() {
+    let Some(etcd) = EtcdServer::single("a_held_read_on_a_follower").await else {
+        return;
+    };
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("held-read", etcd.endpoints());
+    let apps = registry.spawn_instances(2).await;
+    let leader = wait_for_one_leader(&apps.iter().collect::<Vec<_>>()).await;
+    let follower = &apps[1 - leader];
+    let id = register_fake_id(&apps[leader], &fake, "watched").await;
+    // Settled: every member probed once, so the follower's tags stand still until a change.
+    wait_for_member_probes(follower, &id).await;
+
+    let list_tag = etag(&follower.get_clusters().await);
+    let list_watch = spawn_held_get(follower, "/clusters?wait=30s", &list_tag);
+    wait_held(follower, 1).await;
+    let registered_at = Instant::now();
+    register_fake(&apps[leader], &fake, "second").await;
+    let (answered_at, response) = list_watch.await.expect("the list watch");
+    let (status, list) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["total"], 2, "{list}");
+    let took = answered_at.duration_since(registered_at);
+    report(&format!(
+        "a held list on the follower released {took:?} after a registration on the leader"
+    ));
+    assert!(
+        took < VISIBLE_WITHIN,
+        "released {took:?} after the registration"
+    );
+
+    let cluster_tag = etag(&follower.get_cluster(&id).await);
+    let cluster_watch = spawn_held_get(follower, &format!("/clusters/{id}?wait=30s"), &cluster_tag);
+    wait_held(follower, 2).await;
+    let changed_at = Instant::now();
+    fake.set_node_online("pve3", false);
+    let (answered_at, response) = cluster_watch.await.expect("the cluster watch");
+    let (status, cluster) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK, "{cluster}");
+    assert_eq!(cluster["status"], "degraded", "{cluster}");
+    report(&format!(
+        "a held read of a cluster on the follower released {:?} after the node went offline",
+        answered_at.duration_since(changed_at)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1111,6 +1164,44 @@ async fn wait_until_visible(app: &TestApp, id: &str) {
     )
     .await;
     assert!(visible, "cluster {id} never showed on {}", app.base_url());
+}
+
+/// The response's `ETag`, which must be there.
+fn etag(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(ETAG)
+        .and_then(|tag| tag.to_str().ok())
+        .unwrap_or_else(|| panic!("no ETag on {} {}", response.status(), response.url()))
+        .to_owned()
+}
+
+/// Sends `GET /api/v1<path_and_query>` with `If-None-Match: <tag>` from a task of its own, so
+/// that the test can act while it is held; the task answers with when the response came.
+fn spawn_held_get(
+    app: &TestApp,
+    path_and_query: &str,
+    tag: &str,
+) -> tokio::task::JoinHandle<(Instant, reqwest::Response)> {
+    let request = app
+        .client
+        .get(app.api_url(path_and_query))
+        .header(IF_NONE_MATCH, tag)
+        .timeout(HELD_REQUEST_TIMEOUT);
+    let what = path_and_query.to_owned();
+    tokio::spawn(async move {
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {what}: {e}"));
+        (Instant::now(), response)
+    })
+}
+
+/// Waits until the instance has started holding `times` blocking queries.
+async fn wait_held(app: &TestApp, times: usize) {
+    let held = wait_until(async || app.logs().matches(HELD_LOG).count() >= times, WAIT).await;
+    assert!(held, "the instance did not hold {times} blocking queries");
 }
 
 /// `PATCH /api/v1/clusters/{id}` with `body`.
