@@ -131,11 +131,21 @@ async fn one_instance_leads_and_says_so_in_health_and_metrics() {
     let all: Vec<&TestApp> = apps.iter().collect();
 
     let leader = wait_for_one_leader(&all).await;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read the hostname")
+        .trim()
+        .to_owned();
+    let leader_pid = apps[leader].pid().expect("started");
     for (index, app) in apps.iter().enumerate() {
         let (status, body) = json_of(app.get_health().await).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "ok", "{body}");
         assert_eq!(body["clusters"], 0, "{body}");
+        assert_eq!(
+            body["leader"],
+            format!("{hostname}:{leader_pid}"),
+            "instance {index} names the leader by host and process id"
+        );
         let (role, flag) = if index == leader {
             ("leader", 1.0)
         } else {
