@@ -326,6 +326,15 @@ impl Cluster {
         self.credentials = credentials;
     }
 
+    /// Replaces the history with the stored one: what this instance recorded but did not
+    /// store (as a deposed leader) is dropped.
+    pub fn replace_history(&mut self, stored: Vec<(u64, Transition)>) {
+        self.next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
+        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
+        self.history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        self.unstored.clear();
+    }
+
     /// Adds a transition the leader stored, unless this instance has it already.
     pub fn mirror_history(&mut self, sequence: u64, transition: Transition) -> bool {
         if sequence < self.next_sequence {

@@ -49,8 +49,8 @@ use tokio::net::TcpListener;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, StorageBackend};
-use crate::leadership::Leadership;
 use crate::domain::Secret;
+use crate::leadership::Leadership;
 use crate::monitor::MonitorSettings;
 use crate::proxmox::members::MemberPolicy;
 use crate::registry::{RegistryActor, RegistryArgs, RegistrySettings};
@@ -81,9 +81,7 @@ pub enum StartupError {
          (a new key cannot decrypt them, so none is generated)"
     )]
     KeyMissing(PathBuf),
-    #[error(
-        "the key file {0} does not match the key the stored credentials were encrypted with"
-    )]
+    #[error("the key file {0} does not match the key the stored credentials were encrypted with")]
     KeyMismatch(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -179,6 +177,10 @@ pub async fn run(
             },
         },
         failure_threshold: config.failure_threshold,
+        flush_interval: match config.backend {
+            StorageBackend::Redb => registry::FLUSH_INTERVAL,
+            StorageBackend::Etcd => registry::SHARED_FLUSH_INTERVAL,
+        },
     };
     let (registry, registry_task) = Actor::spawn(
         None,

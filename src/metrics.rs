@@ -67,14 +67,31 @@ fn describe() {
     );
 }
 
-/// The exposition text: the recorder's series, then the per-cluster gauges.
-pub fn render(metrics: Option<&Metrics>, snapshot: &[ClusterSnapshot]) -> String {
+/// The exposition text: the recorder's series, whether this instance runs the monitors, then
+/// the per-cluster gauges.
+pub fn render(
+    metrics: Option<&Metrics>,
+    runs_monitors: bool,
+    snapshot: &[ClusterSnapshot],
+) -> String {
     let mut out = metrics.map(|m| m.0.render()).unwrap_or_default();
     if !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');
     }
+    let _ = render_leadership(&mut out, runs_monitors);
     let _ = render_clusters(&mut out, snapshot);
     out
+}
+
+/// `sum(proxmoxer_leader)` is 1 wherever the monitors run: 0 means nobody watches.
+fn render_leadership(out: &mut String, runs_monitors: bool) -> std::fmt::Result {
+    let name = "proxmoxer_leader";
+    writeln!(
+        out,
+        "# HELP {name} 1 on the instance that runs the monitors (the etcd leader, or a standalone instance), 0 on followers"
+    )?;
+    writeln!(out, "# TYPE {name} gauge")?;
+    writeln!(out, "{name} {}", u8::from(runs_monitors))
 }
 
 fn render_clusters(out: &mut String, snapshot: &[ClusterSnapshot]) -> std::fmt::Result {

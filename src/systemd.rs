@@ -8,7 +8,7 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use crate::domain::ClusterStatus;
-use crate::registry::{HealthProblem, ClusterSnapshot, RegistryMsg};
+use crate::registry::{ClusterSnapshot, HealthProblem, RegistryMsg};
 
 /// How often the status line is refreshed when no watchdog asks for more.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);

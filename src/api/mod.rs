@@ -206,7 +206,12 @@ async fn health(State(state): State<AppState>) -> Result<Json<openapi::Health>, 
     ))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let snapshot = ask(&state.registry, RegistryMsg::Snapshot).await?;
-    let text = crate::metrics::render(state.metrics.as_ref(), &snapshot);
+    let report = ask(&state.registry, RegistryMsg::Ping).await?;
+    let text = crate::metrics::render(
+        state.metrics.as_ref(),
+        report.role.runs_monitors(),
+        &snapshot,
+    );
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -19,6 +19,8 @@ use crate::store::etcd::EtcdStore;
 
 /// How long to wait before trying etcd again after it failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Between attempts within one lease, e.g. while etcd elects a new leader member.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Runs the election until `stop` turns true; then a leader gives its lease back, so another
 /// instance takes over at once.
@@ -60,8 +62,10 @@ struct Election {
 
 /// Why a lease ended.
 enum LeaseEnd {
-    /// etcd did not renew it, or could not be reached.
-    Lost(String),
+    /// etcd could not be reached in time: the store is unavailable.
+    Unreachable(String),
+    /// etcd answers, but the lease is gone or may be (after a freeze, say).
+    Expired(String),
 }
 
 impl Election {
@@ -77,7 +81,9 @@ impl Election {
     fn show(&mut self, leadership: Leadership) {
         if leadership != self.shown {
             match leadership.role {
-                Role::Leader => tracing::info!(instance = %self.instance, "this instance is now the leader"),
+                Role::Leader => {
+                    tracing::info!(instance = %self.instance, "this instance is now the leader")
+                }
                 Role::Follower if self.shown.role == Role::Leader => {
                     tracing::warn!(instance = %self.instance, "this instance is no longer the leader");
                 }
@@ -104,13 +110,22 @@ impl Election {
 
     async fn run_forever(&mut self) {
         loop {
-            let LeaseEnd::Lost(why) = self.hold_a_lease().await;
-            self.step_down(Some(why));
-            tokio::time::sleep(RETRY_DELAY).await;
+            match self.hold_a_lease().await {
+                LeaseEnd::Unreachable(why) => {
+                    self.step_down(Some(why));
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+                // etcd answers: a new lease at once (after a freeze, say).
+                LeaseEnd::Expired(why) => {
+                    tracing::warn!(reason = %why, "the etcd lease ended");
+                    self.step_down(None);
+                }
+            }
         }
     }
 
-    /// Grants a lease and campaigns with it until it is lost.
+    /// Grants a lease and campaigns with it until it is lost. A broken stream (an etcd member
+    /// went away) is re-opened on another member; only a lease that may have expired ends it.
     async fn hold_a_lease(&mut self) -> LeaseEnd {
         let mut client = self.store.client();
         let ttl_seconds = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
@@ -120,22 +135,42 @@ impl Election {
                 self.lease = Some(lease.id());
                 lease.id()
             }
-            Err(e) => return LeaseEnd::Lost(format!("cannot obtain an etcd lease: {e}")),
-        };
-        let (mut keeper, mut renewals) = match client.lease_keep_alive(lease).await {
-            Ok(pair) => pair,
-            Err(e) => return LeaseEnd::Lost(format!("cannot renew the etcd lease: {e}")),
+            Err(e) => return LeaseEnd::Unreachable(format!("cannot obtain an etcd lease: {e}")),
         };
         let mut renewed_at = granted_at;
+        let mut renewal: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
+        let mut last_error = String::new();
         let leader_key = self.store.keys().leader();
         let mut tick = tokio::time::interval(self.renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether the lease may be gone: past the TTL for anyone, past the step-down margin
+        // for the leader.
+        let (step_down_after, ttl) = (self.step_down_after(), self.ttl);
+        let expired = move |renewed_at: Instant, leading: bool, last_error: &str| {
+            let limit = if leading { step_down_after } else { ttl };
+            (renewed_at.elapsed() > limit).then(|| {
+                if last_error.is_empty() {
+                    LeaseEnd::Expired("the etcd lease was not renewed in time".to_owned())
+                } else {
+                    LeaseEnd::Unreachable(format!("etcd is unreachable: {last_error}"))
+                }
+            })
+        };
+        let mut leading = false;
         loop {
+            if let Some(end) = expired(renewed_at, leading, &last_error) {
+                return end;
+            }
             // Campaign: create the leader key if there is none.
             let campaign = client
                 .txn(
                     Txn::new()
-                        .when([Compare::create_revision(leader_key.as_str(), CompareOp::Equal, 0)])
+                        .when([Compare::create_revision(
+                            leader_key.as_str(),
+                            CompareOp::Equal,
+                            0,
+                        )])
                         .and_then([TxnOp::put(
                             leader_key.as_str(),
                             self.instance.as_str(),
@@ -146,45 +181,51 @@ impl Election {
                 .await;
             let campaign = match campaign {
                 Ok(response) => response,
-                Err(e) => return LeaseEnd::Lost(format!("etcd is unreachable: {e}")),
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
             };
             let revision = campaign.header().map_or(0, |h| h.revision());
-            let leading = if campaign.succeeded() {
-                self.store.set_fence(Some(revision));
+            let holder = campaign.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| Holder {
+                    id: String::from_utf8_lossy(kv.value()).into_owned(),
+                    lease: kv.lease(),
+                    created: kv.create_revision(),
+                }),
+                _ => None,
+            });
+            let fence = match holder {
+                None if campaign.succeeded() => Some(revision),
+                // Still ours: the watch broke, not the lease.
+                Some(holder) if holder.lease == lease => Some(holder.created),
+                // Ours from a lease lost earlier: it goes with that lease, but sooner is
+                // better than waiting out its TTL.
+                Some(holder) if holder.id == self.instance => {
+                    let _ = client.lease_revoke(holder.lease).await;
+                    continue;
+                }
+                Some(holder) => {
+                    self.store.set_fence(None);
+                    self.show(Leadership {
+                        role: Role::Follower,
+                        leader: Some(holder.id),
+                        storage_error: None,
+                    });
+                    None
+                }
+                None => continue,
+            };
+            leading = fence.is_some();
+            if let Some(fence) = fence {
+                self.store.set_fence(Some(fence));
                 self.show(Leadership {
                     role: Role::Leader,
                     leader: Some(self.instance.clone()),
                     storage_error: None,
                 });
-                true
-            } else {
-                let holder = campaign.op_responses().into_iter().find_map(|r| match r {
-                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
-                        (
-                            String::from_utf8_lossy(kv.value()).into_owned(),
-                            kv.lease(),
-                        )
-                    }),
-                    _ => None,
-                });
-                match holder {
-                    // Ours from a lease lost earlier: it goes with that lease, but sooner is
-                    // better than waiting out its TTL.
-                    Some((holder, old_lease)) if holder == self.instance && old_lease != lease => {
-                        let _ = client.lease_revoke(old_lease).await;
-                        continue;
-                    }
-                    holder => {
-                        self.store.set_fence(None);
-                        self.show(Leadership {
-                            role: Role::Follower,
-                            leader: holder.map(|(id, _)| id),
-                            storage_error: None,
-                        });
-                    }
-                }
-                false
-            };
+            }
             let mut watch = match client
                 .watch(
                     leader_key.as_str(),
@@ -193,53 +234,51 @@ impl Election {
                 .await
             {
                 Ok(stream) => stream,
-                Err(e) => return LeaseEnd::Lost(format!("cannot watch the leader key: {e}")),
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
             };
+            last_error.clear();
             // Renew the lease; follow the leader key until it is deleted (then campaign again).
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if renewed_at.elapsed() > self.step_down_after() && leading {
-                            return LeaseEnd::Lost(
-                                "the etcd lease was not renewed in time".into(),
-                            );
+                        if let Some(end) = expired(renewed_at, leading, &last_error) {
+                            return end;
                         }
-                        if renewed_at.elapsed() > self.ttl {
-                            return LeaseEnd::Lost("the etcd lease expired".into());
-                        }
-                        let sent = Instant::now();
-                        if keeper.keep_alive().await.is_err() {
-                            return LeaseEnd::Lost("cannot renew the etcd lease".into());
-                        }
-                        let answer = tokio::time::timeout(self.renew_every(), renewals.message()).await;
-                        match answer {
-                            Ok(Ok(Some(renewal))) if renewal.ttl() > 0 => renewed_at = sent,
-                            Ok(Ok(Some(_))) => return LeaseEnd::Lost("the etcd lease expired".into()),
-                            Ok(Ok(None)) | Ok(Err(_)) => {
-                                return LeaseEnd::Lost("the etcd lease renewal stream broke".into());
+                        match self.renew(&mut client, lease, &mut renewal).await {
+                            Ok(Some(sent)) => {
+                                renewed_at = sent;
+                                last_error.clear();
                             }
-                            // No answer yet: the next tick tries again, the deadline decides.
-                            Err(_) => {}
+                            Ok(None) => {}
+                            Err(RenewError::Expired) => {
+                                return LeaseEnd::Expired("etcd says the lease expired".into());
+                            }
+                            Err(RenewError::Failed(e)) => last_error = e,
                         }
                     }
                     event = watch.message() => {
                         let response = match event {
                             Ok(Some(response)) => response,
-                            Ok(None) | Err(_) => {
-                                return LeaseEnd::Lost("the leader key watch broke".into());
-                            }
+                            // Re-opened by the next campaign round.
+                            Ok(None) | Err(_) => break,
                         };
                         let deleted = response.events().iter().any(|e| e.event_type() == EventType::Delete);
                         if deleted {
                             if leading {
-                                return LeaseEnd::Lost("the leader key was removed".into());
+                                self.store.set_fence(None);
+                                return LeaseEnd::Expired("the leader key was removed".into());
                             }
                             break;
                         }
                         if let Some(kv) = response.events().iter().filter_map(|e| e.kv()).next_back() {
                             let holder = String::from_utf8_lossy(kv.value()).into_owned();
                             if leading && holder != self.instance {
-                                return LeaseEnd::Lost("another instance took the leader key".into());
+                                self.store.set_fence(None);
+                                return LeaseEnd::Expired("another instance took the leader key".into());
                             }
                             if !leading {
                                 self.show(Leadership {
@@ -254,4 +293,59 @@ impl Election {
             }
         }
     }
+
+    /// One renewal; `Some(sent)` when etcd confirmed it, with when it was sent. A broken
+    /// renewal stream is opened again (on another member, if one went away).
+    async fn renew(
+        &self,
+        client: &mut etcd_client::Client,
+        lease: i64,
+        renewal: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ) -> Result<Option<Instant>, RenewError> {
+        if renewal.is_none() {
+            *renewal = Some(
+                client
+                    .lease_keep_alive(lease)
+                    .await
+                    .map_err(|e| RenewError::Failed(e.to_string()))?,
+            );
+        }
+        let Some((keeper, answers)) = renewal.as_mut() else {
+            return Ok(None);
+        };
+        let sent = Instant::now();
+        if let Err(e) = keeper.keep_alive().await {
+            *renewal = None;
+            return Err(RenewError::Failed(e.to_string()));
+        }
+        match tokio::time::timeout(self.renew_every(), answers.message()).await {
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => Ok(Some(sent)),
+            Ok(Ok(Some(_))) => Err(RenewError::Expired),
+            Ok(Ok(None)) => {
+                *renewal = None;
+                Err(RenewError::Failed("the renewal stream ended".into()))
+            }
+            Ok(Err(e)) => {
+                *renewal = None;
+                Err(RenewError::Failed(e.to_string()))
+            }
+            // No answer yet: the next tick tries again, the deadline decides.
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// The leader key as etcd holds it.
+struct Holder {
+    id: String,
+    lease: i64,
+    created: i64,
+}
+
+/// Why a renewal did not renew.
+enum RenewError {
+    /// etcd answered that the lease is gone.
+    Expired,
+    /// etcd could not be asked.
+    Failed(String),
 }

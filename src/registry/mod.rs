@@ -45,8 +45,10 @@ use supervision::{MonitorHandle, RestartBackoff, spawn_monitor};
 use views::{ReadCluster, ReadList, ReadModel, Rendered};
 use writer::Writer;
 
-/// How often monitor results that changed something are written, in one transaction.
-const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often monitor results that changed something are written to redb, in one transaction.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// With etcd, followers see a change only once it is written: sooner, still batched.
+pub const SHARED_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
 /// A monitor that ran this long since its last restart starts its back-off afresh.
@@ -103,6 +105,8 @@ pub struct RegistrySettings {
     pub monitor: MonitorSettings,
     /// Failures in a row before a cluster is unhealthy.
     pub failure_threshold: u32,
+    /// How often changed monitor results are written, in one batch.
+    pub flush_interval: Duration,
 }
 
 /// What the registry is asked to do; replies go through the last field.
@@ -254,6 +258,8 @@ pub struct RegistryArgs {
 
 /// The registry's state; only its own handlers touch it.
 pub struct RegistryState {
+    /// The storage, for reloads; only the writer writes to it.
+    store: Store,
     writer: Writer,
     vault: Arc<Vault>,
     settings: RegistrySettings,
@@ -321,7 +327,8 @@ impl Actor for RegistryActor {
         args: RegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(RegistryState {
-            writer: Writer::spawn(args.store),
+            writer: Writer::spawn(args.store.clone()),
+            store: args.store,
             vault: args.vault,
             settings: args.settings,
             trust: args.trust,
@@ -366,17 +373,12 @@ impl Actor for RegistryActor {
                 state.dirty.insert(*id);
             }
         }
-        metrics::gauge!("proxmoxer_leader").set(if state.leadership.role == Role::Leader {
-            1.0
-        } else {
-            0.0
-        });
         if state.leadership.role.runs_monitors() {
             for id in ids {
                 spawn_monitor(&myself, state, id, None, false).await;
             }
         }
-        myself.send_interval(FLUSH_INTERVAL, || RegistryMsg::Flush);
+        myself.send_interval(state.settings.flush_interval, || RegistryMsg::Flush);
         myself.send_interval(STALE_SWEEP_INTERVAL, || RegistryMsg::SweepStale);
         Ok(())
     }
@@ -569,9 +571,7 @@ fn on_deletion_stored(state: &mut RegistryState, id: ClusterId, result: Result<(
     if let Err(e) = result {
         tracing::error!(cluster_id = %id, error = %e, "cannot store a deletion");
         for reply in waiting {
-            let _ = reply.send(Err(RegistryError::Store(StoreError::Database(
-                e.to_string(),
-            ))));
+            let _ = reply.send(Err(RegistryError::Store(e.clone())));
         }
         return;
     }
@@ -620,8 +620,8 @@ fn sweep_stale(state: &mut RegistryState) {
     let stale_after = state.stale_after();
     // A follower's clusters are as fresh as the leader's work on them: the leader stores a
     // stale status when it sees one. With nobody leading, they go stale as a monitor would.
-    let leader_at_work = state.leadership.leader.is_some()
-        && state.leadership.storage_error.is_none();
+    let leader_at_work =
+        state.leadership.leader.is_some() && state.leadership.storage_error.is_none();
     if !state.leadership.role.runs_monitors() && leader_at_work {
         for cluster in state.clusters.values_mut() {
             cluster.mark_observed();
@@ -766,6 +766,7 @@ mod tests {
                         members: crate::proxmox::members::MemberPolicy::default(),
                     },
                     failure_threshold: 3,
+                    flush_interval: FLUSH_INTERVAL,
                 },
                 trust: TrustAnchors::load(None, false).expect("trust anchors"),
                 leadership: Leadership::standalone(),

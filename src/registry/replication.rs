@@ -11,7 +11,7 @@ use super::{RegistryMsg, RegistryState, on_deletion_stored, publish, render};
 use crate::cluster::{Cluster, ClusterRecord};
 use crate::domain::ClusterId;
 use crate::events::EventKind;
-use crate::leadership::{Leadership, Role};
+use crate::leadership::Leadership;
 use crate::store::RemoteChange;
 
 /// The election changed this instance's part, or the leader it follows.
@@ -23,7 +23,6 @@ pub(super) async fn on_leadership(
     let was = state.leadership.role;
     let now = leadership.role;
     state.leadership = leadership;
-    metrics::gauge!("proxmoxer_leader").set(if now == Role::Leader { 1.0 } else { 0.0 });
     if now.runs_monitors() && !was.runs_monitors() {
         let ids: Vec<ClusterId> = state.clusters.keys().copied().collect();
         tracing::info!(clusters = ids.len(), "leading: starting the monitors");
@@ -50,6 +49,8 @@ pub(super) async fn on_leadership(
         for id in waiting {
             super::supervision::answer_check_waiters(state, id, None);
         }
+        // What this instance saw last as leader may never have been stored: take the store's.
+        resynchronise(myself, &state.store);
     }
 }
 
@@ -87,6 +88,12 @@ pub(super) async fn on_remote(
                 // A deletion of our own is finished by its writer's answer.
                 if state.clusters.contains_key(&id) && !state.deleting.contains_key(&id) {
                     on_deletion_stored(state, id, Ok(()));
+                }
+            }
+            RemoteChange::Histories(id, stored) => {
+                if let Some(cluster) = state.clusters.get_mut(&id) {
+                    cluster.replace_history(stored);
+                    render(state, id, true);
                 }
             }
             RemoteChange::History(id, sequence, transition) => {
@@ -200,7 +207,10 @@ fn on_remote_status(state: &mut RegistryState, status: &ClusterRecord) {
 }
 
 /// Whether more than the check time changed.
-fn shown_differently(before: &crate::cluster::ClusterView, after: &crate::cluster::ClusterView) -> bool {
+fn shown_differently(
+    before: &crate::cluster::ClusterView,
+    after: &crate::cluster::ClusterView,
+) -> bool {
     let mut before = before.clone();
     before.last_checked_at = after.last_checked_at;
     before != *after
@@ -239,23 +249,7 @@ pub async fn follow(
                 match store.snapshot().await {
                     Ok(loaded) => {
                         revision = loaded.revision.unwrap_or(revision);
-                        let mut changes: Vec<RemoteChange> = Vec::new();
-                        for (id, history) in loaded.histories {
-                            changes.extend(
-                                history
-                                    .into_iter()
-                                    .map(|(sequence, t)| RemoteChange::History(id, sequence, t)),
-                            );
-                        }
-                        let mut all: Vec<RemoteChange> = loaded
-                            .records
-                            .into_iter()
-                            .flat_map(|record| {
-                                let status = Box::new(record.clone());
-                                [RemoteChange::Cluster(Box::new(record)), RemoteChange::Status(status)]
-                            })
-                            .collect();
-                        all.extend(changes);
+                        let all = snapshot_changes(loaded);
                         if registry
                             .cast(RegistryMsg::Remote {
                                 full: true,
@@ -275,5 +269,53 @@ pub async fn follow(
     tokio::select! {
         () = follow_all => {}
         _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// A snapshot as the changes that make a registry equal to it.
+#[cfg(feature = "etcd")]
+fn snapshot_changes(loaded: crate::store::Loaded) -> Vec<RemoteChange> {
+    let mut histories = loaded.histories;
+    let mut changes = Vec::new();
+    for record in loaded.records {
+        let id = record.id;
+        let status = Box::new(record.clone());
+        changes.push(RemoteChange::Cluster(Box::new(record)));
+        changes.push(RemoteChange::Status(status));
+        changes.push(RemoteChange::Histories(
+            id,
+            histories.remove(&id).unwrap_or_default(),
+        ));
+    }
+    changes
+}
+
+/// Reloads everything from a shared store and hands it to the registry as a full
+/// resynchronisation.
+fn resynchronise(myself: &ActorRef<RegistryMsg>, store: &crate::store::Store) {
+    match store {
+        // One instance: nothing stored elsewhere to take.
+        crate::store::Store::Redb(_) => {
+            let _ = myself;
+        }
+        #[cfg(feature = "etcd")]
+        crate::store::Store::Etcd(etcd) => {
+            let etcd = (**etcd).clone();
+            let registry = myself.clone();
+            tokio::spawn(async move {
+                match etcd.snapshot().await {
+                    Ok(loaded) => {
+                        let _ = registry.cast(RegistryMsg::Remote {
+                            full: true,
+                            changes: snapshot_changes(loaded),
+                        });
+                    }
+                    // The watch's own reload catches up once etcd answers.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reload from etcd after stepping down")
+                    }
+                }
+            });
+        }
     }
 }

@@ -141,6 +141,10 @@ pub(super) async fn spawn_monitor(
     session: Option<Session>,
     check_at_once: bool,
 ) {
+    // Followers leave the checks to the leader.
+    if !state.leadership.role.runs_monitors() {
+        return;
+    }
     let Some(cluster) = state.clusters.get(&id) else {
         return;
     };

@@ -34,6 +34,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Loading a large registry is one response; tonic's default limit is 4 MiB.
 const MAX_RESPONSE_BYTES: usize = 512 * 1024 * 1024;
+/// How long a write is retried while etcd elects a leader.
+const RETRY_BUDGET: Duration = Duration::from_secs(3);
 /// A write that lost a race with another instance's write of the same cluster is retried.
 const MAX_WRITE_ATTEMPTS: usize = 5;
 
@@ -107,7 +109,8 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Database(format!("cannot encode {what}: {e}")))
+    serde_json::to_vec(value)
+        .map_err(|e| StoreError::Database(format!("cannot encode {what}: {e}")))
 }
 
 fn decode_record(key: &str, value: &[u8]) -> Result<ClusterRecord, StoreError> {
@@ -214,9 +217,12 @@ impl EtcdStore {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        let (Some(clusters), Some(statuses), Some(histories)) = (gets.next(), gets.next(), gets.next())
+        let (Some(clusters), Some(statuses), Some(histories)) =
+            (gets.next(), gets.next(), gets.next())
         else {
-            return Err(StoreError::Unavailable("etcd answered an incomplete snapshot".into()));
+            return Err(StoreError::Unavailable(
+                "etcd answered an incomplete snapshot".into(),
+            ));
         };
         let mut records: BTreeMap<ClusterId, (ClusterRecord, i64)> = BTreeMap::new();
         for kv in clusters.kvs() {
@@ -269,18 +275,34 @@ impl EtcdStore {
         self.block(async {
             let mut outcomes = Vec::with_capacity(durable.len());
             for batch in durable {
-                outcomes.push(self.write_durably(batch).await);
+                outcomes.push(self.write_durably_retrying(batch).await);
             }
             let background = if background.is_empty() {
                 Ok(())
             } else {
-                self.write_status(background).await
+                retrying(|| self.write_status(background)).await
             };
             CommitOutcome {
                 background,
                 durable: outcomes,
             }
         })
+    }
+
+    /// A retry after a failed attempt may find the attempt's deletion done after all.
+    async fn write_durably_retrying(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let mut attempted = false;
+        retrying(|| {
+            let retry = attempted;
+            attempted = true;
+            async move {
+                match self.write_durably(batch).await {
+                    Err(StoreError::Gone) if retry && !batch.deletes.is_empty() => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .await
     }
 
     async fn write_durably(&self, batch: &WriteBatch) -> Result<(), StoreError> {
@@ -316,7 +338,10 @@ impl EtcdStore {
         let value = encode("record", record)?;
         let mut kv = self.kv();
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let current = kv.get(cluster_key.as_str(), None).await.map_err(unavailable)?;
+            let current = kv
+                .get(cluster_key.as_str(), None)
+                .await
+                .map_err(unavailable)?;
             let (revision, old_name) = match current.kvs().first() {
                 Some(kv) => {
                     let old = decode_record(&cluster_key, kv.value())?;
@@ -382,7 +407,10 @@ impl EtcdStore {
         let keys = &self.keys;
         let cluster_key = keys.cluster(id);
         let mut kv = self.kv();
-        let current = kv.get(cluster_key.as_str(), None).await.map_err(unavailable)?;
+        let current = kv
+            .get(cluster_key.as_str(), None)
+            .await
+            .map_err(unavailable)?;
         let Some(existing) = current.kvs().first() else {
             return Err(StoreError::Gone);
         };
@@ -491,7 +519,10 @@ impl EtcdStore {
         self.block(async {
             let mut kv = self.kv();
             let check = kv
-                .get(self.keys.key_check(), Some(GetOptions::new().with_count_only()))
+                .get(
+                    self.keys.key_check(),
+                    Some(GetOptions::new().with_count_only()),
+                )
                 .await
                 .map_err(unavailable)?;
             let clusters = kv
@@ -509,7 +540,11 @@ impl EtcdStore {
     pub fn key_check(&self) -> Result<Option<SealedSecret>, StoreError> {
         self.block(async {
             let key = self.keys.key_check();
-            let response = self.kv().get(key.as_str(), None).await.map_err(unavailable)?;
+            let response = self
+                .kv()
+                .get(key.as_str(), None)
+                .await
+                .map_err(unavailable)?;
             response
                 .kvs()
                 .first()
@@ -542,10 +577,17 @@ impl EtcdStore {
         name: &str,
     ) -> Result<(bool, Option<String>), StoreError> {
         let mut kv = self.kv();
-        let cluster = kv.get(self.keys.cluster(id), Some(GetOptions::new().with_count_only()))
+        let cluster = kv
+            .get(
+                self.keys.cluster(id),
+                Some(GetOptions::new().with_count_only()),
+            )
             .await
             .map_err(unavailable)?;
-        let holder = kv.get(self.keys.name(name), None).await.map_err(unavailable)?;
+        let holder = kv
+            .get(self.keys.name(name), None)
+            .await
+            .map_err(unavailable)?;
         let holder = holder
             .kvs()
             .first()
@@ -637,10 +679,35 @@ impl EtcdStore {
     }
 }
 
+/// etcd answers "leader changed" or "no leader" while its members elect a new leader, which
+/// takes about one election timeout: writes are retried that long before they fail. Every
+/// write is guarded by a comparison, so repeating one that did land changes nothing.
+async fn retrying<F, Fut>(mut attempt: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Err(StoreError::Unavailable(why)) if started.elapsed() + delay < RETRY_BUDGET => {
+                tracing::debug!(error = %why, "etcd write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn tls_options(config: &EtcdConfig) -> Result<etcd_client::TlsOptions, StoreError> {
     let read = |path: &std::path::Path, key: &str| {
         std::fs::read(path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot read storage.etcd.{key} {}: {e}", path.display()))
+            StoreError::Unavailable(format!(
+                "cannot read storage.etcd.{key} {}: {e}",
+                path.display()
+            ))
         })
     };
     let mut tls = etcd_client::TlsOptions::new();

@@ -96,7 +96,6 @@ impl WriteBatch {
     }
 }
 
-
 /// A change another instance (or this one) made, as the watch delivers it.
 #[derive(Debug)]
 pub enum RemoteChange {
@@ -108,6 +107,8 @@ pub enum RemoteChange {
     Deleted(ClusterId),
     /// The leader stored a status transition.
     History(ClusterId, u64, Transition),
+    /// A cluster's whole stored history, oldest first (in a full resynchronisation).
+    Histories(ClusterId, Vec<(u64, Transition)>),
 }
 
 /// What the daemon starts with.
