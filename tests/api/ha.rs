@@ -20,7 +20,7 @@ use reqwest::header::{ETAG, IF_NONE_MATCH};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::etcd_server::{EtcdCluster, EtcdServer};
+use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer};
 use crate::fake_pve::FakePve;
 use crate::helpers::{
     STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, fake_pve, fetch_cluster, history, id_of,
@@ -612,6 +612,113 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
         [("healthy", "degraded"), ("unknown", "healthy")],
         "one change, made by the new leader: {transitions:?}"
     );
+    assert!(
+        histories.iter().all(|h| *h == histories[0]),
+        "every instance shows the same history: {histories:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_yields_before_another_leads_and_rejoins_as_a_follower() {
+    let Some(etcd) = EtcdServer::single("a_leader_cut_off").await else {
+        return;
+    };
+    let link = EtcdLink::to(&etcd).await;
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("cut-off", etcd.endpoints());
+    // The instance behind the link starts first, so that it leads.
+    let cut_off = registry
+        .instance()
+        .env("PROXMOXER_STORAGE_ETCD_ENDPOINTS", link.url())
+        .spawn()
+        .await;
+    wait_for_one_leader(&[&cut_off]).await;
+    let others = registry.spawn_instances(2).await;
+    let all: Vec<&TestApp> = std::iter::once(&cut_off).chain(&others).collect();
+    assert_eq!(
+        wait_for_one_leader(&all).await,
+        0,
+        "the first instance leads"
+    );
+    let id = register_fake_id(&others[0], &fake, "watched").await;
+    wait_until_all_show(&all, &id, "healthy", "ok").await;
+    let old_id = leader_id(&cut_off).await;
+
+    link.cut();
+    let cut_at = Instant::now();
+    fake.set_node_online("pve3", false);
+    let survivors: Vec<&TestApp> = others.iter().collect();
+    let deadline = failover_deadline();
+    let mut yielded_after = None;
+    let mut new_leader_after = None;
+    let mut both_leading = None;
+    let mut last = Vec::new();
+    let took_over = wait_until(
+        async || {
+            // The survivors first: a leader seen there and then the cut-off instance still
+            // saying it leads means both led at that moment.
+            let new_leader = leader_among(&survivors).await;
+            last = snapshots(&survivors, &id).await;
+            let still_leading = metric(&cut_off, "proxmoxer_leader").await == Some(1.0);
+            if new_leader.is_some() && still_leading {
+                both_leading.get_or_insert(cut_at.elapsed());
+            }
+            if !still_leading {
+                yielded_after.get_or_insert(cut_at.elapsed());
+            }
+            if new_leader.is_some() {
+                new_leader_after.get_or_insert(cut_at.elapsed());
+            }
+            yielded_after.is_some()
+                && new_leader.is_some()
+                && last.iter().all(|c| c["status"] == "degraded")
+        },
+        deadline,
+    )
+    .await;
+    report(&format!(
+        "leader cut off from etcd: it stopped leading after {yielded_after:?}, another led \
+         after {new_leader_after:?}"
+    ));
+    assert_eq!(
+        both_leading, None,
+        "the cut-off leader still said it led while another did"
+    );
+    assert!(
+        took_over,
+        "within {deadline:?} of the cut: stopped leading after {yielded_after:?}, another led \
+         after {new_leader_after:?}; survivors show {}",
+        summaries(&last)
+    );
+    let new_id = leader_id(survivors[leader_among(&survivors).await.expect("a leader")]).await;
+    assert_ne!(new_id, old_id);
+
+    // Cut off, it still answers reads from memory and says etcd is out of reach.
+    let (status, body) = json_of(cut_off.get_health().await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "ServiceUnavailable", "{body}");
+    fetch_cluster(&cut_off, &id).await;
+
+    link.restore();
+    let mut seen = Value::Null;
+    let rejoined = wait_until(
+        async || {
+            seen = json_of(cut_off.get_health().await).await.1;
+            seen["role"] == "follower" && seen["leader"] == new_id.as_str()
+        },
+        WAIT,
+    )
+    .await;
+    assert!(rejoined, "after the cut healed: {seen}");
+    let logged = wait_until(async || cut_off.logs().contains(STEPPED_DOWN_LOG), WAIT).await;
+    assert!(logged, "the old leader logs {STEPPED_DOWN_LOG:?}");
+    wait_until_all_show(&all, &id, "degraded", "node_offline").await;
+    let mut histories = Vec::new();
+    for app in &all {
+        let (status, body) = history(app, &id).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        histories.push(body["transitions"].clone());
+    }
     assert!(
         histories.iter().all(|h| *h == histories[0]),
         "every instance shows the same history: {histories:?}"
