@@ -318,10 +318,19 @@ impl Cluster {
         serde_json::to_value(&before).ok() != serde_json::to_value(&self.record).ok()
     }
 
-    /// Takes settings another instance stored, keeping what this instance's monitor saw.
+    /// Takes settings another instance stored, keeping what this instance's monitor saw,
+    /// except the members when a new endpoint or pin made that instance discover them anew.
     pub fn adopt_remote_settings(&mut self, record: ClusterRecord, credentials: Credentials) {
+        let rediscovered = record.api_endpoint != self.record.api_endpoint
+            || record.fingerprint != self.record.fingerprint;
         let mut record = record;
+        let (members, active) = (record.members.clone(), record.active_endpoint.clone());
         record.adopt_status(&self.record);
+        if rediscovered {
+            record.members = members;
+            record.active_endpoint = active;
+            self.last_active = record.active_endpoint.clone();
+        }
         self.record = record;
         self.credentials = credentials;
     }
@@ -681,6 +690,60 @@ mod tests {
             password: Secret::new("pw"),
         };
         Cluster::registered(record, credentials)
+    }
+
+    fn transition(to: ClusterStatus) -> Transition {
+        Transition {
+            at: Utc::now(),
+            from: ClusterStatus::Healthy,
+            to,
+            reason: StatusReason::NodeOffline,
+            error: None,
+            member: None,
+            fields: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_leader_keeps_its_own_status_when_another_instance_changes_the_settings() {
+        let mut leader = sample();
+        leader.record.status = ClusterStatus::Degraded;
+        leader.record.nodes_online = 2;
+        let mut renamed = leader.record.clone();
+        renamed.name = ClusterName::parse("prod-eu").expect("name");
+        // Written by an instance that had not seen the last check yet.
+        renamed.status = ClusterStatus::Healthy;
+        renamed.nodes_online = 3;
+        assert!(leader.record.settings_differ(&renamed));
+        let credentials = leader.credentials.clone();
+        leader.adopt_remote_settings(renamed, credentials);
+        assert_eq!(leader.record.name.as_str(), "prod-eu");
+        assert_eq!(leader.record.status, ClusterStatus::Degraded);
+        assert_eq!(leader.record.nodes_online, 2);
+    }
+
+    #[test]
+    fn a_follower_takes_the_leaders_status_and_history_in_order() {
+        let mut follower = sample();
+        let mut status = follower.record.clone();
+        status.status = ClusterStatus::Degraded;
+        status.status_reason = StatusReason::NodeOffline;
+        status.nodes_online = 2;
+        assert!(follower.adopt_remote_status(&status));
+        assert!(
+            !follower.adopt_remote_status(&status),
+            "the echo changes nothing"
+        );
+        assert_eq!(follower.record.status, ClusterStatus::Degraded);
+        // The registration's transition is sequence 0: the leader's next is 1.
+        assert!(follower.mirror_history(1, transition(ClusterStatus::Degraded)));
+        assert!(!follower.mirror_history(1, transition(ClusterStatus::Degraded)));
+        assert_eq!(follower.history_newest_first().len(), 2);
+        follower.replace_history(vec![(0, transition(ClusterStatus::Unhealthy))]);
+        let history = follower.history_newest_first();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].to, ClusterStatus::Unhealthy);
+        assert!(!follower.has_unstored_history());
     }
 
     #[test]

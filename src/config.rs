@@ -688,6 +688,33 @@ mod tests {
     }
 
     #[test]
+    fn the_etcd_backend_takes_its_settings_from_file_and_environment() {
+        let config = load(
+            Some("[storage]\nbackend = \"etcd\"\n[storage.etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n"),
+            &[
+                (
+                    "PROXMOXER_STORAGE_ETCD_ENDPOINTS",
+                    "http://127.0.0.1:2379, http://127.0.0.2:2379",
+                ),
+                ("PROXMOXER_STORAGE_ETCD_PREFIX", "/site-a"),
+                ("PROXMOXER_STORAGE_ETCD_LEASE_TTL", "4s"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.backend, StorageBackend::Etcd);
+        assert_eq!(
+            config.etcd.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+        );
+        assert_eq!(config.etcd.prefix, "/site-a");
+        assert_eq!(config.etcd.lease_ttl, Duration::from_secs(4));
+        let defaults = load(None, &[]).expect("valid");
+        assert_eq!(defaults.backend, StorageBackend::Redb);
+        assert_eq!(defaults.etcd.prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(defaults.etcd.lease_ttl, DEFAULT_ETCD_LEASE_TTL);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
@@ -747,6 +774,31 @@ mod tests {
                 Some("[proxmox]\nmember_networks = [\"127.0.0.0/99\"]\n"),
                 &[],
                 "proxmox.member_networks",
+            ),
+            (
+                None,
+                &[("PROXMOXER_STORAGE_BACKEND", "postgres")],
+                "PROXMOXER_STORAGE_BACKEND",
+            ),
+            (
+                None,
+                &[("PROXMOXER_STORAGE_BACKEND", "etcd")],
+                "storage.etcd.endpoints",
+            ),
+            (
+                Some("[storage.etcd]\nprefix = \"/\"\n"),
+                &[],
+                "storage.etcd.prefix",
+            ),
+            (
+                None,
+                &[("PROXMOXER_STORAGE_ETCD_LEASE_TTL", "100ms")],
+                "storage.etcd.lease_ttl",
+            ),
+            (
+                Some("[storage.etcd]\nclient_cert_file = \"/etc/c.pem\"\n"),
+                &[],
+                "storage.etcd.client_cert_file",
             ),
             (
                 None,

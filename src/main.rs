@@ -254,9 +254,25 @@ fn check_config(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.backend == proxmoxer::config::StorageBackend::Etcd && !cfg!(feature = "etcd") {
+        eprintln!("proxmoxer: {}", proxmoxer::StartupError::EtcdNotBuilt);
+        return ExitCode::from(2);
+    }
     println!("configuration is valid");
     println!("  listen            {}", config.listen);
-    println!("  database          {}", config.database.display());
+    match config.backend {
+        proxmoxer::config::StorageBackend::Redb => {
+            println!("  storage           redb {}", config.database.display());
+        }
+        proxmoxer::config::StorageBackend::Etcd => {
+            println!(
+                "  storage           etcd {} under {}, leader lease {}",
+                config.etcd.endpoints.join(","),
+                config.etcd.prefix,
+                humantime::format_duration(config.etcd.lease_ttl),
+            );
+        }
+    }
     println!("  key file          {}", config.key_file.display());
     println!(
         "  monitor           every {}, unhealthy after {} failed checks",

@@ -407,49 +407,52 @@ impl EtcdStore {
         let keys = &self.keys;
         let cluster_key = keys.cluster(id);
         let mut kv = self.kv();
-        let current = kv
-            .get(cluster_key.as_str(), None)
-            .await
-            .map_err(unavailable)?;
-        let Some(existing) = current.kvs().first() else {
-            return Err(StoreError::Gone);
-        };
-        let record = decode_record(&cluster_key, existing.value())?;
-        let name_key = keys.name(record.name.as_str());
-        let response = kv
-            .txn(
-                Txn::new()
-                    .when([Compare::mod_revision(
-                        cluster_key.as_str(),
-                        CompareOp::Equal,
-                        existing.mod_revision(),
-                    )])
-                    .and_then([
-                        TxnOp::delete(cluster_key.as_str(), None),
-                        TxnOp::delete(keys.status(id), None),
-                        TxnOp::delete(
-                            keys.history_of(id),
-                            Some(DeleteOptions::new().with_prefix()),
-                        ),
-                        TxnOp::txn(
-                            Txn::new()
-                                .when([Compare::value(
-                                    name_key.as_str(),
-                                    CompareOp::Equal,
-                                    id.to_string(),
-                                )])
-                                .and_then([TxnOp::delete(name_key.as_str(), None)]),
-                        ),
-                    ]),
-            )
-            .await
-            .map_err(unavailable)?;
-        if response.succeeded() {
-            Ok(())
-        } else {
-            // Changed meanwhile (a settings change on another instance): delete that.
-            Box::pin(self.delete(id)).await
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let current = kv
+                .get(cluster_key.as_str(), None)
+                .await
+                .map_err(unavailable)?;
+            let Some(existing) = current.kvs().first() else {
+                return Err(StoreError::Gone);
+            };
+            let record = decode_record(&cluster_key, existing.value())?;
+            let name_key = keys.name(record.name.as_str());
+            let response = kv
+                .txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            cluster_key.as_str(),
+                            CompareOp::Equal,
+                            existing.mod_revision(),
+                        )])
+                        .and_then([
+                            TxnOp::delete(cluster_key.as_str(), None),
+                            TxnOp::delete(keys.status(id), None),
+                            TxnOp::delete(
+                                keys.history_of(id),
+                                Some(DeleteOptions::new().with_prefix()),
+                            ),
+                            TxnOp::txn(
+                                Txn::new()
+                                    .when([Compare::value(
+                                        name_key.as_str(),
+                                        CompareOp::Equal,
+                                        id.to_string(),
+                                    )])
+                                    .and_then([TxnOp::delete(name_key.as_str(), None)]),
+                            ),
+                        ]),
+                )
+                .await
+                .map_err(unavailable)?;
+            // Otherwise changed meanwhile (a settings change on another instance): delete that.
+            if response.succeeded() {
+                return Ok(());
+            }
         }
+        Err(StoreError::Unavailable(
+            "the cluster kept changing under concurrent writes; try again".into(),
+        ))
     }
 
     /// Monitor results, each transaction fenced by the leader key's creation revision.
@@ -595,15 +598,31 @@ impl EtcdStore {
         Ok((cluster.count() > 0, holder))
     }
 
-    /// Writes a cluster copied from elsewhere (a redb registry): record, name and history,
-    /// only if neither the id nor the name is stored yet.
+    /// Writes a cluster copied from elsewhere (a redb registry): record and name, only if
+    /// neither the id nor the name is stored yet, then its history in transactions below
+    /// etcd's operation limit.
     pub async fn import(
         &self,
         record: &ClusterRecord,
         history: &[(u64, Transition)],
     ) -> Result<(), StoreError> {
-        let history: Vec<(u64, &Transition)> = history.iter().map(|(s, t)| (*s, t)).collect();
-        self.upsert(record, &history, None, true).await
+        self.upsert(record, &[], None, true).await?;
+        let mut rows = Vec::with_capacity(history.len());
+        for (sequence, transition) in history {
+            rows.push(TxnOp::put(
+                self.keys.history(record.id, *sequence),
+                encode("history", transition)?,
+                None,
+            ));
+        }
+        let mut kv = self.kv();
+        while !rows.is_empty() {
+            let chunk: Vec<TxnOp> = rows.drain(..rows.len().min(MAX_OPS_PER_TXN)).collect();
+            kv.txn(Txn::new().and_then(chunk))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     /// Follows every change after `revision`, handing each response's changes to `deliver`.
