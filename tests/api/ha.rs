@@ -588,33 +588,16 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
     .await;
     assert!(checked, "the new leader keeps monitoring");
     assert_eq!(leader_among(&all).await, Some(others_index(old, new)));
-    let mut histories = Vec::new();
     for app in &all {
         let cluster = fetch_cluster(app, &id).await;
         assert_eq!(cluster["status"], "degraded", "{cluster}");
         assert_eq!(cluster["nodes_online"], 2, "{cluster}");
-        let (status, body) = history(app, &id).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        histories.push(body["transitions"].clone());
     }
-    let transitions = histories[0].as_array().cloned().unwrap_or_default();
-    let steps: Vec<(&str, &str)> = transitions
-        .iter()
-        .map(|t| {
-            (
-                t["from"].as_str().unwrap_or(""),
-                t["to"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let transitions = wait_for_one_history(&all, &id).await;
     assert_eq!(
-        steps,
+        steps(&transitions),
         [("healthy", "degraded"), ("unknown", "healthy")],
         "one change, made by the new leader: {transitions:?}"
-    );
-    assert!(
-        histories.iter().all(|h| *h == histories[0]),
-        "every instance shows the same history: {histories:?}"
     );
 }
 
@@ -713,15 +696,11 @@ async fn a_leader_cut_off_from_etcd_yields_before_another_leads_and_rejoins_as_a
     let logged = wait_until(async || cut_off.logs().contains(STEPPED_DOWN_LOG), WAIT).await;
     assert!(logged, "the old leader logs {STEPPED_DOWN_LOG:?}");
     wait_until_all_show(&all, &id, "degraded", "node_offline").await;
-    let mut histories = Vec::new();
-    for app in &all {
-        let (status, body) = history(app, &id).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        histories.push(body["transitions"].clone());
-    }
-    assert!(
-        histories.iter().all(|h| *h == histories[0]),
-        "every instance shows the same history: {histories:?}"
+    let transitions = wait_for_one_history(&all, &id).await;
+    assert_eq!(
+        steps(&transitions),
+        [("healthy", "degraded"), ("unknown", "healthy")],
+        "{transitions:?}"
     );
 }
 
@@ -1272,6 +1251,43 @@ fn summaries(snapshots: &[Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Waits until every instance shows the same history of the cluster and returns its
+/// transitions, newest first; panics with each instance's after [`WAIT`].
+async fn wait_for_one_history(apps: &[&TestApp], id: &str) -> Vec<Value> {
+    let mut histories = Vec::new();
+    let agreed = wait_until(
+        async || {
+            histories.clear();
+            for app in apps {
+                let (status, body) = history(app, id).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                histories.push(body["transitions"].clone());
+            }
+            histories.iter().all(|h| *h == histories[0])
+        },
+        WAIT,
+    )
+    .await;
+    assert!(
+        agreed,
+        "the instances show different histories after {WAIT:?}: {histories:?}"
+    );
+    histories[0].as_array().cloned().unwrap_or_default()
+}
+
+/// `(from, to)` of each transition.
+fn steps(transitions: &[Value]) -> Vec<(&str, &str)> {
+    transitions
+        .iter()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap_or_default(),
+                t["to"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 async fn wait_until_visible(app: &TestApp, id: &str) {
