@@ -45,13 +45,16 @@ const MAX_ETCD_LEASE_TTL: Duration = Duration::from_secs(300);
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The configuration file cannot be read.
     #[error("cannot read configuration file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The file is not TOML, or has an unknown key or a value of the wrong type.
     #[error("invalid configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// A value is out of range or malformed; `key` names the key or environment variable.
     #[error("invalid value for {key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -66,7 +69,9 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `server.listen`: the REST API's address.
     pub listen: SocketAddr,
+    /// `server.shutdown_grace`: how long in-flight requests may finish after a stop signal.
     pub shutdown_grace: Duration,
     /// `server.header_timeout`: how long a client may take to send a request's headers.
     pub header_timeout: Duration,
@@ -74,14 +79,23 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `server.max_connections`: API connections served at once.
     pub max_connections: usize,
+    /// `storage.database`: the redb file.
     pub database: PathBuf,
+    /// `storage.key_file`: the key sealing stored credentials.
     pub key_file: PathBuf,
+    /// `monitor.interval`: how often each cluster is checked.
     pub monitor_interval: Duration,
+    /// `monitor.failure_threshold`: failed checks in a row before a cluster is unhealthy.
     pub failure_threshold: u32,
+    /// `proxmox.timeout`: the whole-request timeout of every call to Proxmox.
     pub proxmox_timeout: Duration,
+    /// `log.level`: a tracing filter.
     pub log_level: String,
+    /// `log.format`: text or JSON lines.
     pub log_format: LogFormat,
+    /// `tls.ca_file`: a PEM bundle trusted besides the system roots.
     pub tls_ca_file: Option<PathBuf>,
+    /// `tls.insecure_skip_verify`: accept any certificate from clusters without a pin.
     pub tls_insecure_skip_verify: bool,
     /// `monitor.member_discovery`: watch a cluster through all its members.
     pub member_discovery: bool,

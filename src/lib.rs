@@ -67,27 +67,34 @@ const MIN_SENSIBLE_PROXMOX_TIMEOUT: std::time::Duration = std::time::Duration::f
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// The storage cannot be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The key file cannot be read or created, or a credential does not open.
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// The CA file is unreadable or holds no certificate.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The API tokens file is missing or malformed, or the API would be open to the network.
     #[error(transparent)]
     Access(#[from] api::auth::AccessError),
+    /// Stored credentials exist but their key does not.
     #[error(
         "the database holds encrypted credentials but the key file {0} is missing; restore the key \
          (a new key cannot decrypt them, so none is generated)"
     )]
     KeyMissing(PathBuf),
+    /// The key does not open the stored key check: another installation's key.
     #[error("the key file {0} does not match the key the stored credentials were encrypted with")]
     KeyMismatch(PathBuf),
+    /// The API's address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The registry actor did not start or stopped.
     #[error("cannot start the registry: {0}")]
     Registry(String),
     /// `storage.backend = "etcd"` in a binary built without the `etcd` feature.
@@ -97,6 +104,7 @@ pub enum StartupError {
          libprotobuf-dev)"
     )]
     EtcdNotBuilt,
+    /// The API server failed.
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }

@@ -149,7 +149,7 @@ impl Election {
         let (step_down_after, ttl) = (self.step_down_after(), self.ttl);
         let expired = move |renewed_at: Instant, leading: bool, last_error: &str| {
             let limit = if leading { step_down_after } else { ttl };
-            (renewed_at.elapsed() > limit).then(|| {
+            (renewed_at.elapsed() >= limit).then(|| {
                 if last_error.is_empty() {
                     LeaseEnd::Expired("the etcd lease was not renewed in time".to_owned())
                 } else {
@@ -243,7 +243,14 @@ impl Election {
             last_error.clear();
             // Renew the lease; follow the leader key until it is deleted (then campaign again).
             loop {
+                let limit = if leading { step_down_after } else { ttl };
                 tokio::select! {
+                    // The margin is kept to the moment, not to the next renewal's tick.
+                    () = tokio::time::sleep_until(renewed_at + limit) => {
+                        if let Some(end) = expired(renewed_at, leading, &last_error) {
+                            return end;
+                        }
+                    }
                     _ = tick.tick() => {
                         if let Some(end) = expired(renewed_at, leading, &last_error) {
                             return end;
@@ -318,7 +325,8 @@ impl Election {
             *renewal = None;
             return Err(RenewError::Failed(e.to_string()));
         }
-        match tokio::time::timeout(self.renew_every(), answers.message()).await {
+        // Short enough that the step-down deadline is never waited past by much.
+        match tokio::time::timeout(self.renew_every() / 2, answers.message()).await {
             Ok(Ok(Some(answer))) if answer.ttl() > 0 => Ok(Some(sent)),
             Ok(Ok(Some(_))) => Err(RenewError::Expired),
             Ok(Ok(None)) => {
