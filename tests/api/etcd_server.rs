@@ -2,7 +2,9 @@
 //! ([`EtcdServer::single`]) or a cluster of three ([`EtcdCluster::three`]), each member with a
 //! temporary data directory and random ports on 127.0.0.1, tuned so that leases of 2 s work and
 //! a lost member is noticed quickly. Members can be stopped and started again on the same data
-//! directory, or killed; every member still running is killed when its owner is dropped.
+//! directory, or killed; every member still running is killed when its owner is dropped. An
+//! [`EtcdLink`] relays one instance's connections to a member, so that a test can cut that
+//! instance alone off from etcd.
 //!
 //! The tests need Debian's `etcd-server` (the `etcd` binary). Without it they say so and pass,
 //! unless `PROXMOXER_REQUIRE_ETCD=1` (as in CI), when they fail.

@@ -123,6 +123,35 @@ async fn etcd_harness_three_members_survive_losing_their_leader() {
     assert!(rejoined, "the restarted member catches up");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_harness_a_link_relays_until_cut_and_again_when_restored() {
+    let Some(etcd) = EtcdServer::single("etcd_harness_a_link").await else {
+        return;
+    };
+    let link = EtcdLink::to(&etcd).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("a client");
+    let health = format!("{}/health", link.url());
+    let answers = async || {
+        client
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    assert!(answers().await, "etcd answers through the link");
+
+    link.cut();
+    assert!(!answers().await, "nothing passes a cut link");
+    assert!(etcd.is_healthy().await, "etcd itself still answers");
+
+    link.restore();
+    assert!(answers().await, "the link relays again");
+}
+
 // --- several instances, one registry ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
