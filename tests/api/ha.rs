@@ -19,6 +19,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ETAG, IF_NONE_MATCH};
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::net::UnixDatagram;
 
 use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer};
 use crate::fake_pve::FakePve;
@@ -822,6 +823,52 @@ async fn an_etcd_outage_keeps_reads_refuses_writes_and_heals_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_etcd_outage_the_systemd_watchdog_is_still_fed() {
+    let Some(mut etcd) = EtcdServer::single("watchdog_during_an_outage").await else {
+        return;
+    };
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("watchdog", etcd.endpoints());
+    let builder = registry.instance();
+    let socket_path = builder.data_dir().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let app = builder
+        .env("NOTIFY_SOCKET", socket_path.display().to_string())
+        .env("WATCHDOG_USEC", "200000")
+        .spawn()
+        .await;
+    wait_for_notification(&notify, "READY=1").await;
+    // A status change waiting to be stored when etcd goes: writes then fail too.
+    let id = register_fake_id(&app, &fake, "watched").await;
+    wait_for_member_probes(&app, &id).await;
+
+    etcd.stop().await;
+    fake.set_node_online("pve3", false);
+    let noticed = wait_until(
+        async || app.get_health().await.status() == StatusCode::SERVICE_UNAVAILABLE,
+        WAIT,
+    )
+    .await;
+    assert!(noticed, "/health says etcd is out of reach");
+    wait_until_all_show(&[&app], &id, "degraded", "node_offline").await;
+    // Only pings sent from now on count.
+    let mut buffer = [0_u8; 4096];
+    while notify.try_recv(&mut buffer).is_ok() {}
+    for _ in 0..3 {
+        wait_for_notification(&notify, "WATCHDOG=1").await;
+    }
+
+    etcd.start().await;
+    let healed = wait_until(
+        async || app.get_health().await.status() == StatusCode::OK,
+        WAIT,
+    )
+    .await;
+    assert!(healed, "/health recovers with etcd");
+    wait_for_notification(&notify, "WATCHDOG=1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_etcd_member_of_three_interrupts_nothing() {
     let Some(mut cluster) = EtcdCluster::three("losing_one_etcd_member").await else {
         return;
@@ -1408,6 +1455,30 @@ fn assert_unavailable(what: &str, status: StatusCode, body: &Value) {
     assert_eq!(body["code"], "ServiceUnavailable", "{what}: {body}");
     assert_eq!(body["message"], UNAVAILABLE_MESSAGE, "{what}: {body}");
     assert!(body["details"].is_object(), "{what}: {body}");
+}
+
+/// Reads systemd notifications until one has the line `line`; panics after [`WAIT`].
+async fn wait_for_notification(socket: &UnixDatagram, line: &str) {
+    let mut received = Vec::new();
+    let mut buffer = vec![0_u8; 64 * 1024];
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let length = socket
+                .recv(&mut buffer)
+                .await
+                .expect("receive a notification");
+            let message = String::from_utf8_lossy(&buffer[..length]).into_owned();
+            if message.lines().any(|l| l == line) {
+                return;
+            }
+            received.push(message);
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "no notification with {line} within {WAIT:?}; received: {received:?}"
+    );
 }
 
 /// Prints past the test harness's capture, for figures worth seeing in every run.
