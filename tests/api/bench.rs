@@ -13,11 +13,15 @@ use serde_json::Value;
 use crate::fake_pve::FakePve;
 use crate::helpers::{TestApp, register_body, wait_until};
 
-const CLUSTERS: usize = 1_000;
-const CONCURRENCY: usize = 32;
-const LOAD_DURATION: Duration = Duration::from_secs(5);
+/// Clusters registered by the benchmarks that monitor a thousand.
+pub(crate) const CLUSTERS: usize = 1_000;
+/// Concurrent clients of every load generator and registration burst.
+pub(crate) const CONCURRENCY: usize = 32;
+/// How long each read load runs.
+pub(crate) const LOAD_DURATION: Duration = Duration::from_secs(5);
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// A process's resident set size in KiB, from `/proc/<pid>/status`.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -28,7 +32,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The latency at fraction `p` (0 to 1) of `sorted`.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -105,7 +110,7 @@ async fn bench_a_thousand_monitored_clusters() {
 }
 
 /// Like [`load`], with an optional extra header and the status every answer must have.
-async fn load_expecting(
+pub(crate) async fn load_expecting(
     client: &reqwest::Client,
     url: &str,
     header: Option<(&'static str, String)>,
@@ -139,7 +144,8 @@ async fn load_expecting(
     all
 }
 
-fn throughput(latencies: &[Duration], duration: Duration) -> f64 {
+/// Requests per second over `duration`.
+pub(crate) fn throughput(latencies: &[Duration], duration: Duration) -> f64 {
     latencies.len() as f64 / duration.as_secs_f64()
 }
 
@@ -178,7 +184,7 @@ async fn bare_server(one: axum::body::Bytes, list: axum::body::Bytes) -> String 
 }
 
 /// Registers clusters `from..to` with 32 concurrent clients; returns the rate per second.
-async fn register_range(app: &TestApp, fake: &FakePve, from: usize, to: usize) -> f64 {
+pub(crate) async fn register_range(app: &TestApp, fake: &FakePve, from: usize, to: usize) -> f64 {
     let started = Instant::now();
     let mut registrations = tokio::task::JoinSet::new();
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));

@@ -10,6 +10,8 @@ mod fake_pve;
 mod fake_pve_selftest;
 #[cfg(feature = "etcd")]
 mod ha;
+#[cfg(feature = "etcd")]
+mod ha_bench;
 mod helpers;
 mod members;
 mod monitoring;
