@@ -2,7 +2,9 @@
 //! ([`EtcdServer::single`]) or a cluster of three ([`EtcdCluster::three`]), each member with a
 //! temporary data directory and random ports on 127.0.0.1, tuned so that leases of 2 s work and
 //! a lost member is noticed quickly. Members can be stopped and started again on the same data
-//! directory, or killed; every member still running is killed when its owner is dropped.
+//! directory, or killed; every member still running is killed when its owner is dropped. An
+//! [`EtcdLink`] relays one instance's connections to a member, so that a test can cut that
+//! instance alone off from etcd.
 //!
 //! The tests need Debian's `etcd-server` (the `etcd` binary). Without it they say so and pass,
 //! unless `PROXMOXER_REQUIRE_ETCD=1` (as in CI), when they fail.
@@ -12,12 +14,15 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// Set to `1` where the etcd tests must run: a missing `etcd` then fails them.
 pub const REQUIRE_ETCD: &str = "PROXMOXER_REQUIRE_ETCD";
@@ -96,6 +101,13 @@ impl EtcdServer {
     /// `http://127.0.0.1:PORT`, where clients connect.
     pub fn client_url(&self) -> &str {
         &self.client_url
+    }
+
+    /// `127.0.0.1:PORT`, where clients connect.
+    pub fn client_addr(&self) -> &str {
+        self.client_url
+            .strip_prefix("http://")
+            .expect("client URLs are plain http")
     }
 
     /// The value of `PROXMOXER_STORAGE_ETCD_ENDPOINTS` for this member alone.
@@ -376,6 +388,92 @@ impl EtcdCluster {
             }
         }
         healthy
+    }
+}
+
+/// A TCP relay on 127.0.0.1 in front of one etcd member, to cut one instance off from etcd
+/// while the others still reach it: [`Self::cut`] closes every relayed connection and closes
+/// new ones at once until [`Self::restore`].
+pub struct EtcdLink {
+    url: String,
+    state: Arc<LinkState>,
+    acceptor: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    cut: AtomicBool,
+    /// The relayed connections; under the lock, so that none starts unseen during a cut.
+    relays: Mutex<Vec<AbortHandle>>,
+}
+
+impl EtcdLink {
+    /// Starts relaying to `member`'s client port.
+    pub async fn to(member: &EtcdServer) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the etcd link");
+        let url = format!(
+            "http://{}",
+            listener.local_addr().expect("the link's address")
+        );
+        let target = member.client_addr().to_owned();
+        let state = Arc::new(LinkState::default());
+        let acceptor = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let mut relays = state.relays.lock().unwrap_or_else(PoisonError::into_inner);
+                    if state.cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let target = target.clone();
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    relays.retain(|relay| !relay.is_finished());
+                    relays.push(relay.abort_handle());
+                }
+            }
+        });
+        Self {
+            url,
+            state,
+            acceptor,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `PROXMOXER_STORAGE_ETCD_ENDPOINTS`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Closes every relayed connection; new ones are closed as soon as they are accepted.
+    pub fn cut(&self) {
+        let mut relays = self
+            .state
+            .relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.state.cut.store(true, Ordering::SeqCst);
+        for relay in relays.drain(..) {
+            relay.abort();
+        }
+    }
+
+    /// Relays new connections again.
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for EtcdLink {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.cut();
     }
 }
 

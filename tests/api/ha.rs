@@ -16,15 +16,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use reqwest::header::{ETAG, IF_NONE_MATCH};
+use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::net::UnixDatagram;
 
-use crate::etcd_server::{EtcdCluster, EtcdServer};
+use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer};
 use crate::fake_pve::FakePve;
 use crate::helpers::{
     STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, fake_pve, fetch_cluster, history, id_of,
     json_of, list_clusters, proxmoxer_command, register_body, register_fake, register_fake_id,
-    wait_until,
+    wait_for_member_probes, wait_until,
 };
 
 /// `PROXMOXER_STORAGE_ETCD_LEASE_TTL` of every instance.
@@ -35,6 +37,10 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
 const MONITOR_INTERVAL_SETTING: &str = "200ms";
 /// Added to the promised failover time: a loaded CI machine delays processes by seconds.
 const FAILOVER_SLACK: Duration = Duration::from_secs(5);
+/// The lease of the instances that see an etcd member die: longer than etcd's own election
+/// (about a second here), so that only a lease kept alive through the dead member alone ends.
+const MEMBER_LOSS_LEASE_TTL: Duration = Duration::from_secs(4);
+const MEMBER_LOSS_LEASE_TTL_SETTING: &str = "4s";
 /// How soon a write on one instance must show on the others (the promise is 1 s).
 const VISIBLE_WITHIN: Duration = Duration::from_secs(3);
 /// How long `proxmoxer migrate` may run against a local etcd.
@@ -42,6 +48,13 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Status reads by the new leader that must pass after a deposed leader resumed, before the
 /// registry is checked for its late writes: about two seconds of monitoring.
 const CHECKS_AFTER_RESUME: u64 = 10;
+/// The daemon's debug logs without one line per request: the tests poll `/health` every 20 ms.
+/// Keeps the line each held blocking query logs.
+const LOG_FILTER: &str = "info,proxmoxer=debug,proxmoxer::api=info,proxmoxer::api::clusters=debug";
+/// What the daemon logs, at debug, each time it starts holding a blocking query.
+const HELD_LOG: &str = "holding a blocking query";
+/// Bound for a held request: over its 30 s wait.
+const HELD_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const STEPPED_DOWN_LOG: &str = "no longer the leader";
 const UNAVAILABLE_MESSAGE: &str = "Storage unavailable";
 
@@ -111,6 +124,35 @@ async fn etcd_harness_three_members_survive_losing_their_leader() {
     assert!(rejoined, "the restarted member catches up");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_harness_a_link_relays_until_cut_and_again_when_restored() {
+    let Some(etcd) = EtcdServer::single("etcd_harness_a_link").await else {
+        return;
+    };
+    let link = EtcdLink::to(&etcd).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("a client");
+    let health = format!("{}/health", link.url());
+    let answers = async || {
+        client
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    assert!(answers().await, "etcd answers through the link");
+
+    link.cut();
+    assert!(!answers().await, "nothing passes a cut link");
+    assert!(etcd.is_healthy().await, "etcd itself still answers");
+
+    link.restore();
+    assert!(answers().await, "the link relays again");
+}
+
 // --- several instances, one registry ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,11 +165,21 @@ async fn one_instance_leads_and_says_so_in_health_and_metrics() {
     let all: Vec<&TestApp> = apps.iter().collect();
 
     let leader = wait_for_one_leader(&all).await;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read the hostname")
+        .trim()
+        .to_owned();
+    let leader_pid = apps[leader].pid().expect("started");
     for (index, app) in apps.iter().enumerate() {
         let (status, body) = json_of(app.get_health().await).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "ok", "{body}");
         assert_eq!(body["clusters"], 0, "{body}");
+        assert_eq!(
+            body["leader"],
+            format!("{hostname}:{leader_pid}"),
+            "instance {index} names the leader by host and process id"
+        );
         let (role, flag) = if index == leader {
             ("leader", 1.0)
         } else {
@@ -191,6 +243,28 @@ async fn a_write_on_one_instance_shows_on_the_others() {
         assert_eq!(list["total"], 3, "{list}");
     }
 
+    // A rename on one instance shows on the others; a name taken through another instance is
+    // refused.
+    let renamed = id_of(&registered[1]);
+    let (status, body) = patch(&apps[0], &renamed, &json!({"name": "renamed"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let renamed_at = Instant::now();
+    for (reader, other) in apps.iter().enumerate().skip(1) {
+        let shown = wait_until(
+            async || fetch_cluster(other, &renamed).await["name"] == "renamed",
+            VISIBLE_WITHIN,
+        )
+        .await;
+        assert!(shown, "the rename did not reach instance {reader}");
+        report(&format!(
+            "rename on instance 0 seen on instance {reader} after {:?}",
+            renamed_at.elapsed()
+        ));
+    }
+    let (status, body) = patch(&apps[2], &renamed, &json!({"name": "visible-0"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "Conflict", "{body}");
+
     // A delete on one instance removes it from the others.
     let gone = id_of(&registered[0]);
     let response = apps[2].delete_cluster(&gone).await;
@@ -208,6 +282,53 @@ async fn a_write_on_one_instance_shows_on_the_others() {
             deleted_at.elapsed()
         ));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_read_on_a_follower_is_released_by_changes_made_elsewhere() {
+    let Some(etcd) = EtcdServer::single("a_held_read_on_a_follower").await else {
+        return;
+    };
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("held-read", etcd.endpoints());
+    let apps = registry.spawn_instances(2).await;
+    let leader = wait_for_one_leader(&apps.iter().collect::<Vec<_>>()).await;
+    let follower = &apps[1 - leader];
+    let id = register_fake_id(&apps[leader], &fake, "watched").await;
+    // Settled: every member probed once, so the follower's tags stand still until a change.
+    wait_for_member_probes(follower, &id).await;
+
+    let list_tag = etag(&follower.get_clusters().await);
+    let list_watch = spawn_held_get(follower, "/clusters?wait=30s", &list_tag);
+    wait_held(follower, 1).await;
+    let registered_at = Instant::now();
+    register_fake(&apps[leader], &fake, "second").await;
+    let (answered_at, response) = list_watch.await.expect("the list watch");
+    let (status, list) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["total"], 2, "{list}");
+    let took = answered_at.duration_since(registered_at);
+    report(&format!(
+        "a held list on the follower released {took:?} after a registration on the leader"
+    ));
+    assert!(
+        took < VISIBLE_WITHIN,
+        "released {took:?} after the registration"
+    );
+
+    let cluster_tag = etag(&follower.get_cluster(&id).await);
+    let cluster_watch = spawn_held_get(follower, &format!("/clusters/{id}?wait=30s"), &cluster_tag);
+    wait_held(follower, 2).await;
+    let changed_at = Instant::now();
+    fake.set_node_online("pve3", false);
+    let (answered_at, response) = cluster_watch.await.expect("the cluster watch");
+    let (status, cluster) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK, "{cluster}");
+    assert_eq!(cluster["status"], "degraded", "{cluster}");
+    report(&format!(
+        "a held read of a cluster on the follower released {:?} after the node went offline",
+        answered_at.duration_since(changed_at)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +434,8 @@ async fn killing_the_leader_hands_monitoring_to_another_instance() {
     assert!(
         took_over,
         "within {deadline:?} of killing the leader: new leader after {leader_after:?}, \
-         offline node seen after {degraded_after:?}; survivors show {last:?}"
+         offline node seen after {degraded_after:?}; survivors show {}",
+        summaries(&last)
     );
 
     let new = leader_among(&survivors).await.expect("a leader");
@@ -432,8 +554,9 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
     let registry = SharedRegistry::new("frozen", etcd.endpoints());
     let apps = registry.spawn_instances(3).await;
     let all: Vec<&TestApp> = apps.iter().collect();
-    let id = register_fake_id(&apps[1], &fake, "watched").await;
     let old = wait_for_one_leader(&all).await;
+    // Through a follower: the leader alone monitors it all the same.
+    let id = register_fake_id(&apps[(old + 1) % apps.len()], &fake, "watched").await;
     wait_until_all_show(&all, &id, "healthy", "ok").await;
     let old_id = leader_id(&apps[old]).await;
 
@@ -463,7 +586,8 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
     assert!(
         took_over,
         "within {deadline:?} of freezing the leader no other instance led and showed the \
-         offline node; they show {last:?}"
+         offline node; they show {}",
+        summaries(&last)
     );
     let new = leader_among(&others).await.expect("a leader");
     let new_id = leader_id(others[new]).await;
@@ -498,33 +622,119 @@ async fn a_frozen_leader_steps_down_when_it_resumes_and_every_instance_converges
     .await;
     assert!(checked, "the new leader keeps monitoring");
     assert_eq!(leader_among(&all).await, Some(others_index(old, new)));
-    let mut histories = Vec::new();
     for app in &all {
         let cluster = fetch_cluster(app, &id).await;
         assert_eq!(cluster["status"], "degraded", "{cluster}");
         assert_eq!(cluster["nodes_online"], 2, "{cluster}");
-        let (status, body) = history(app, &id).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        histories.push(body["transitions"].clone());
     }
-    let transitions = histories[0].as_array().cloned().unwrap_or_default();
-    let steps: Vec<(&str, &str)> = transitions
-        .iter()
-        .map(|t| {
-            (
-                t["from"].as_str().unwrap_or(""),
-                t["to"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let transitions = wait_for_one_history(&all, &id).await;
     assert_eq!(
-        steps,
+        steps(&transitions),
         [("healthy", "degraded"), ("unknown", "healthy")],
         "one change, made by the new leader: {transitions:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_yields_before_another_leads_and_rejoins_as_a_follower() {
+    let Some(etcd) = EtcdServer::single("a_leader_cut_off").await else {
+        return;
+    };
+    let link = EtcdLink::to(&etcd).await;
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("cut-off", etcd.endpoints());
+    // The instance behind the link starts first, so that it leads.
+    let cut_off = registry
+        .instance()
+        .env("PROXMOXER_STORAGE_ETCD_ENDPOINTS", link.url())
+        .spawn()
+        .await;
+    wait_for_one_leader(&[&cut_off]).await;
+    let others = registry.spawn_instances(2).await;
+    let all: Vec<&TestApp> = std::iter::once(&cut_off).chain(&others).collect();
+    assert_eq!(
+        wait_for_one_leader(&all).await,
+        0,
+        "the first instance leads"
+    );
+    let id = register_fake_id(&others[0], &fake, "watched").await;
+    wait_until_all_show(&all, &id, "healthy", "ok").await;
+    let old_id = leader_id(&cut_off).await;
+
+    link.cut();
+    let cut_at = Instant::now();
+    fake.set_node_online("pve3", false);
+    let survivors: Vec<&TestApp> = others.iter().collect();
+    let deadline = failover_deadline();
+    let mut yielded_after = None;
+    let mut new_leader_after = None;
+    let mut both_leading = None;
+    let mut last = Vec::new();
+    let took_over = wait_until(
+        async || {
+            // The survivors first: a leader seen there and then the cut-off instance still
+            // saying it leads means both led at that moment.
+            let new_leader = leader_among(&survivors).await;
+            last = snapshots(&survivors, &id).await;
+            let still_leading = metric(&cut_off, "proxmoxer_leader").await == Some(1.0);
+            if new_leader.is_some() && still_leading {
+                both_leading.get_or_insert(cut_at.elapsed());
+            }
+            if !still_leading {
+                yielded_after.get_or_insert(cut_at.elapsed());
+            }
+            if new_leader.is_some() {
+                new_leader_after.get_or_insert(cut_at.elapsed());
+            }
+            yielded_after.is_some()
+                && new_leader.is_some()
+                && last.iter().all(|c| c["status"] == "degraded")
+        },
+        deadline,
+    )
+    .await;
+    report(&format!(
+        "leader cut off from etcd: it stopped leading after {yielded_after:?}, another led \
+         after {new_leader_after:?}"
+    ));
+    assert_eq!(
+        both_leading, None,
+        "the cut-off leader still said it led while another did"
+    );
     assert!(
-        histories.iter().all(|h| *h == histories[0]),
-        "every instance shows the same history: {histories:?}"
+        took_over,
+        "within {deadline:?} of the cut: stopped leading after {yielded_after:?}, another led \
+         after {new_leader_after:?}; survivors show {}",
+        summaries(&last)
+    );
+    let new_id = leader_id(survivors[leader_among(&survivors).await.expect("a leader")]).await;
+    assert_ne!(new_id, old_id);
+
+    // Cut off, it still answers reads from memory and says etcd is out of reach.
+    let (status, body) = json_of(cut_off.get_health().await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "ServiceUnavailable", "{body}");
+    fetch_cluster(&cut_off, &id).await;
+
+    link.restore();
+    let mut seen = Value::Null;
+    let rejoined = wait_until(
+        async || {
+            seen = json_of(cut_off.get_health().await).await.1;
+            seen["role"] == "follower" && seen["leader"] == new_id.as_str()
+        },
+        WAIT,
+    )
+    .await;
+    assert!(rejoined, "after the cut healed: {seen}");
+    let logged = wait_until(async || cut_off.logs().contains(STEPPED_DOWN_LOG), WAIT).await;
+    assert!(logged, "the old leader logs {STEPPED_DOWN_LOG:?}");
+    wait_until_all_show(&all, &id, "degraded", "node_offline").await;
+    let transitions = wait_for_one_history(&all, &id).await;
+    assert_eq!(
+        steps(&transitions),
+        [("healthy", "degraded"), ("unknown", "healthy")],
+        "{transitions:?}"
     );
 }
 
@@ -568,9 +778,11 @@ async fn an_etcd_outage_keeps_reads_refuses_writes_and_heals_by_itself() {
                 .await,
         )
         .await;
-        assert_unavailable(status, &body);
+        assert_unavailable("POST during the outage", status, &body);
+        let (status, body) = patch(app, &id, &json!({"name": "renamed"})).await;
+        assert_unavailable("PATCH during the outage", status, &body);
         let (status, body) = json_of(app.delete_cluster(&id).await).await;
-        assert_unavailable(status, &body);
+        assert_unavailable("DELETE during the outage", status, &body);
     }
 
     etcd.start().await;
@@ -599,11 +811,61 @@ async fn an_etcd_outage_keeps_reads_refuses_writes_and_heals_by_itself() {
     wait_until_visible(&apps[0], &after).await;
     for app in &mut apps {
         let names = cluster_names(app).await;
-        assert_eq!(names.len(), 2, "nothing refused was stored: {names:?}");
+        assert_eq!(
+            names,
+            ["after", "before"],
+            "nothing refused was stored, renamed or deleted"
+        );
         assert!(app.is_running(), "the daemons were never restarted");
     }
     let pids_after: Vec<Option<u32>> = apps.iter().map(TestApp::pid).collect();
     assert_eq!(pids, pids_after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_etcd_outage_the_systemd_watchdog_is_still_fed() {
+    let Some(mut etcd) = EtcdServer::single("watchdog_during_an_outage").await else {
+        return;
+    };
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("watchdog", etcd.endpoints());
+    let builder = registry.instance();
+    let socket_path = builder.data_dir().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let app = builder
+        .env("NOTIFY_SOCKET", socket_path.display().to_string())
+        .env("WATCHDOG_USEC", "200000")
+        .spawn()
+        .await;
+    wait_for_notification(&notify, "READY=1").await;
+    // A status change waiting to be stored when etcd goes: writes then fail too.
+    let id = register_fake_id(&app, &fake, "watched").await;
+    wait_for_member_probes(&app, &id).await;
+
+    etcd.stop().await;
+    fake.set_node_online("pve3", false);
+    let noticed = wait_until(
+        async || app.get_health().await.status() == StatusCode::SERVICE_UNAVAILABLE,
+        WAIT,
+    )
+    .await;
+    assert!(noticed, "/health says etcd is out of reach");
+    wait_until_all_show(&[&app], &id, "degraded", "node_offline").await;
+    // Only pings sent from now on count.
+    let mut buffer = [0_u8; 4096];
+    while notify.try_recv(&mut buffer).is_ok() {}
+    for _ in 0..3 {
+        wait_for_notification(&notify, "WATCHDOG=1").await;
+    }
+
+    etcd.start().await;
+    let healed = wait_until(
+        async || app.get_health().await.status() == StatusCode::OK,
+        WAIT,
+    )
+    .await;
+    assert!(healed, "/health recovers with etcd");
+    wait_for_notification(&notify, "WATCHDOG=1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,16 +880,29 @@ async fn losing_one_etcd_member_of_three_interrupts_nothing() {
         .chain((0..3).filter(|&i| i != etcd_leader))
         .collect();
     let registry = SharedRegistry::new("member-lost", cluster.endpoints_in_order(&order));
-    let apps = registry.spawn_instances(2).await;
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        apps.push(
+            registry
+                .instance()
+                .env(
+                    "PROXMOXER_STORAGE_ETCD_LEASE_TTL",
+                    MEMBER_LOSS_LEASE_TTL_SETTING,
+                )
+                .spawn()
+                .await,
+        );
+    }
     let all: Vec<&TestApp> = apps.iter().collect();
-    wait_for_one_leader(&all).await;
+    let leader = wait_for_one_leader(&all).await;
     let mut ids = vec![register_fake_id(&apps[0], &fake, "first").await];
 
     cluster.member_mut(etcd_leader).kill();
     let killed_at = Instant::now();
     let mut rounds_with_new_leader = 0;
     let mut round = 0;
-    while rounds_with_new_leader < 3 {
+    // Past a whole lease: a lease kept alive only through the dead member would have ended.
+    while rounds_with_new_leader < 3 || killed_at.elapsed() < MEMBER_LOSS_LEASE_TTL {
         assert!(
             killed_at.elapsed() < WAIT,
             "etcd elected no new leader within {WAIT:?}"
@@ -636,15 +911,21 @@ async fn losing_one_etcd_member_of_three_interrupts_nothing() {
             let name = format!("during-{round}-{index}");
             let (status, body) =
                 json_of(app.post_clusters(&register_body(&fake, &name)).await).await;
+            let after = killed_at.elapsed();
             assert_eq!(
                 status,
                 StatusCode::CREATED,
-                "instance {index}, {:?} after the member died: {body}",
-                killed_at.elapsed()
+                "instance {index}, {after:?} after the member died: {body}"
             );
             ids.push(id_of(&body));
             let response = app.get_clusters().await;
             assert_eq!(response.status(), StatusCode::OK);
+            let (status, body) = json_of(app.get_health().await).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "instance {index}, {after:?} after the member died: {body}"
+            );
         }
         if cluster.leader().await.is_some_and(|i| i != etcd_leader) {
             rounds_with_new_leader += 1;
@@ -660,10 +941,12 @@ async fn losing_one_etcd_member_of_three_interrupts_nothing() {
         for id in &ids {
             wait_until_visible(app, id).await;
         }
-        let (status, body) = json_of(app.get_health().await).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
     }
-    wait_for_one_leader(&all).await;
+    assert_eq!(
+        leader_among(&all).await,
+        Some(leader),
+        "the same instance leads (and monitors) throughout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,6 +970,12 @@ async fn migrate_copies_a_redb_registry_into_etcd_once_and_refuses_a_different_n
     assert_eq!(identities(&app).await, expected);
     let fetched = fetch_cluster(&app, &id_of(&alpha)).await;
     assert_eq!(fetched["proxmox_version"], alpha["proxmox_version"]);
+    // The credentials came along sealed with the same key: the leader logs in with them anew.
+    fake.invalidate_tickets();
+    fake.set_node_online("pve3", false);
+    wait_until_all_show(&[&app], &id_of(&alpha), "degraded", "node_offline").await;
+    wait_until_all_show(&[&app], &id_of(&beta), "degraded", "node_offline").await;
+    fake.set_node_online("pve3", true);
 
     let again = registry.migrate(&redb.db_path()).await;
     assert!(again.status.success(), "a second run: {}", describe(&again));
@@ -807,7 +1096,8 @@ impl SharedRegistry {
         self.etcd_env().into_iter().fold(
             TestApp::builder()
                 .env("PROXMOXER_MONITOR_INTERVAL", MONITOR_INTERVAL_SETTING)
-                .env("PROXMOXER_PROXMOX_TIMEOUT", "1s"),
+                .env("PROXMOXER_PROXMOX_TIMEOUT", "1s")
+                .env("RUST_LOG", LOG_FILTER),
             |builder, (key, value)| builder.env(key, value),
         )
     }
@@ -999,12 +1289,15 @@ async fn identities(app: &TestApp) -> Vec<(String, String, String, String)> {
     identities
 }
 
+/// Every listed cluster's name, sorted.
 async fn cluster_names(app: &TestApp) -> Vec<String> {
-    cluster_ids_by_name(app)
+    let mut names: Vec<String> = cluster_ids_by_name(app)
         .await
         .into_iter()
         .map(|(name, _)| name)
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 /// `(name, id)` of every cluster listed; the whole list, however long.
@@ -1037,8 +1330,65 @@ async fn wait_until_all_show(apps: &[&TestApp], id: &str, status: &str, reason: 
     .await;
     assert!(
         shown,
-        "not every instance shows {status}/{reason}: {last:?}"
+        "not every instance shows {status}/{reason}: {}",
+        summaries(&last)
     );
+}
+
+/// One line per snapshot for assertion messages: status, reason and when it was last checked.
+fn summaries(snapshots: &[Value]) -> String {
+    snapshots
+        .iter()
+        .map(|c| {
+            format!(
+                "[{} {}/{} nodes_online {} last_checked_at {} updated_at {}]",
+                c["name"],
+                c["status"],
+                c["status_reason"],
+                c["nodes_online"],
+                c["last_checked_at"],
+                c["updated_at"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits until every instance shows the same history of the cluster and returns its
+/// transitions, newest first; panics with each instance's after [`WAIT`].
+async fn wait_for_one_history(apps: &[&TestApp], id: &str) -> Vec<Value> {
+    let mut histories = Vec::new();
+    let agreed = wait_until(
+        async || {
+            histories.clear();
+            for app in apps {
+                let (status, body) = history(app, id).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                histories.push(body["transitions"].clone());
+            }
+            histories.iter().all(|h| *h == histories[0])
+        },
+        WAIT,
+    )
+    .await;
+    assert!(
+        agreed,
+        "the instances show different histories after {WAIT:?}: {histories:?}"
+    );
+    histories[0].as_array().cloned().unwrap_or_default()
+}
+
+/// `(from, to)` of each transition.
+fn steps(transitions: &[Value]) -> Vec<(&str, &str)> {
+    transitions
+        .iter()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap_or_default(),
+                t["to"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 async fn wait_until_visible(app: &TestApp, id: &str) {
@@ -1050,11 +1400,85 @@ async fn wait_until_visible(app: &TestApp, id: &str) {
     assert!(visible, "cluster {id} never showed on {}", app.base_url());
 }
 
-fn assert_unavailable(status: StatusCode, body: &Value) {
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["code"], "ServiceUnavailable", "{body}");
-    assert_eq!(body["message"], UNAVAILABLE_MESSAGE, "{body}");
-    assert!(body["details"].is_object(), "{body}");
+/// The response's `ETag`, which must be there.
+fn etag(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(ETAG)
+        .and_then(|tag| tag.to_str().ok())
+        .unwrap_or_else(|| panic!("no ETag on {} {}", response.status(), response.url()))
+        .to_owned()
+}
+
+/// Sends `GET /api/v1<path_and_query>` with `If-None-Match: <tag>` from a task of its own, so
+/// that the test can act while it is held; the task answers with when the response came.
+fn spawn_held_get(
+    app: &TestApp,
+    path_and_query: &str,
+    tag: &str,
+) -> tokio::task::JoinHandle<(Instant, reqwest::Response)> {
+    let request = app
+        .client
+        .get(app.api_url(path_and_query))
+        .header(IF_NONE_MATCH, tag)
+        .timeout(HELD_REQUEST_TIMEOUT);
+    let what = path_and_query.to_owned();
+    tokio::spawn(async move {
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {what}: {e}"));
+        (Instant::now(), response)
+    })
+}
+
+/// Waits until the instance has started holding `times` blocking queries.
+async fn wait_held(app: &TestApp, times: usize) {
+    let held = wait_until(async || app.logs().matches(HELD_LOG).count() >= times, WAIT).await;
+    assert!(held, "the instance did not hold {times} blocking queries");
+}
+
+/// `PATCH /api/v1/clusters/{id}` with `body`.
+async fn patch(app: &TestApp, id: &str, body: &Value) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .patch(app.api_url(&format!("/clusters/{id}")))
+        .json(body)
+        .send()
+        .await
+        .expect("PATCH /api/v1/clusters/{id}");
+    json_of(response).await
+}
+
+fn assert_unavailable(what: &str, status: StatusCode, body: &Value) {
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {body}");
+    assert_eq!(body["code"], "ServiceUnavailable", "{what}: {body}");
+    assert_eq!(body["message"], UNAVAILABLE_MESSAGE, "{what}: {body}");
+    assert!(body["details"].is_object(), "{what}: {body}");
+}
+
+/// Reads systemd notifications until one has the line `line`; panics after [`WAIT`].
+async fn wait_for_notification(socket: &UnixDatagram, line: &str) {
+    let mut received = Vec::new();
+    let mut buffer = vec![0_u8; 64 * 1024];
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let length = socket
+                .recv(&mut buffer)
+                .await
+                .expect("receive a notification");
+            let message = String::from_utf8_lossy(&buffer[..length]).into_owned();
+            if message.lines().any(|l| l == line) {
+                return;
+            }
+            received.push(message);
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "no notification with {line} within {WAIT:?}; received: {received:?}"
+    );
 }
 
 /// Prints past the test harness's capture, for figures worth seeing in every run.
