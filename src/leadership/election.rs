@@ -20,7 +20,9 @@ use crate::store::etcd::EtcdStore;
 /// How long to wait before trying etcd again after it failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Between attempts within one lease, e.g. while etcd elects a new leader member.
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Renewal attempts per tick before waiting for the next one.
+const RENEWAL_ATTEMPTS: usize = 4;
 
 /// Runs the election until `stop` turns true; then a leader gives its lease back, so another
 /// instance takes over at once.
@@ -255,16 +257,27 @@ impl Election {
                         if let Some(end) = expired(renewed_at, leading, &last_error) {
                             return end;
                         }
-                        match self.renew(&mut client, lease, &mut renewal).await {
-                            Ok(Some(sent)) => {
-                                renewed_at = sent;
-                                last_error.clear();
+                        // A failed renewal is tried again at once, a few times: the client
+                        // spreads attempts over the members, and one may be gone.
+                        for _ in 0..RENEWAL_ATTEMPTS {
+                            match self.renew(&mut client, lease, &mut renewal).await {
+                                Ok(Some(sent)) => {
+                                    renewed_at = sent;
+                                    last_error.clear();
+                                    break;
+                                }
+                                Ok(None) => break,
+                                Err(RenewError::Expired) => {
+                                    return LeaseEnd::Expired("etcd says the lease expired".into());
+                                }
+                                Err(RenewError::Failed(e)) => {
+                                    last_error = e;
+                                    if expired(renewed_at, leading, &last_error).is_some() {
+                                        break;
+                                    }
+                                    tokio::time::sleep(RETRY_PAUSE).await;
+                                }
                             }
-                            Ok(None) => {}
-                            Err(RenewError::Expired) => {
-                                return LeaseEnd::Expired("etcd says the lease expired".into());
-                            }
-                            Err(RenewError::Failed(e)) => last_error = e,
                         }
                     }
                     event = watch.message() => {
@@ -337,8 +350,12 @@ impl Election {
                 *renewal = None;
                 Err(RenewError::Failed(e.to_string()))
             }
-            // No answer yet: the next tick tries again, the deadline decides.
-            Err(_) => Ok(None),
+            // No answer: the stream may hang on a member that is gone. The next attempt opens
+            // a new one, on another member.
+            Err(_) => {
+                *renewal = None;
+                Err(RenewError::Failed("no answer to the lease renewal".into()))
+            }
         }
     }
 }

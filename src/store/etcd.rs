@@ -30,12 +30,12 @@ use crate::secrets::SealedSecret;
 /// etcd's default `--max-txn-ops` is 128; status writes are split below it.
 const MAX_OPS_PER_TXN: usize = 100;
 /// A request to an etcd that does not answer fails after this, so writes answer 503 soon.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Loading a large registry is one response; tonic's default limit is 4 MiB.
 const MAX_RESPONSE_BYTES: usize = 512 * 1024 * 1024;
 /// How long a write is retried while etcd elects a leader.
-const RETRY_BUDGET: Duration = Duration::from_secs(3);
+const RETRY_BUDGET: Duration = Duration::from_secs(6);
 /// A write that lost a race with another instance's write of the same cluster is retried.
 const MAX_WRITE_ATTEMPTS: usize = 5;
 
