@@ -470,8 +470,39 @@ impl Cluster {
         self.history.push_back(transition);
     }
 
-    /// Applies settings an operator changed; a history entry names the changed fields.
-    pub fn change_settings(&mut self, change: SettingsChange, now: DateTime<Utc>) {
+    /// The history entry a settings change makes, if it changes anything.
+    pub fn settings_transition(
+        &self,
+        change: &SettingsChange,
+        now: DateTime<Utc>,
+    ) -> Option<Transition> {
+        (!change.fields.is_empty()).then(|| Transition {
+            at: now,
+            from: self.record.status,
+            to: self.record.status,
+            reason: StatusReason::SettingsChanged,
+            error: None,
+            member: None,
+            fields: change.fields.clone(),
+        })
+    }
+
+    /// Takes the next history sequence number for an entry stored by other means than the
+    /// batches of [`Cluster::take_unstored_history`], so no other entry gets it meanwhile.
+    pub fn reserve_sequence(&mut self) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        sequence
+    }
+
+    /// Applies settings whose history entry, if any, is stored already under a reserved
+    /// sequence number (with the changed record, in one transaction).
+    pub fn apply_settings(
+        &mut self,
+        change: SettingsChange,
+        now: DateTime<Utc>,
+        stored: Option<(u64, Transition)>,
+    ) {
         self.record = self.record.with_settings(&change);
         if change.members.is_some() {
             self.last_active = self.record.active_endpoint.clone();
@@ -481,16 +512,12 @@ impl Cluster {
             return;
         }
         self.record.updated_at = now;
-        let status = self.record.status;
-        self.remember(Transition {
-            at: now,
-            from: status,
-            to: status,
-            reason: StatusReason::SettingsChanged,
-            error: None,
-            member: None,
-            fields: change.fields,
-        });
+        if let Some((_, transition)) = stored {
+            if self.history.len() == HISTORY_CAPACITY {
+                self.history.pop_front();
+            }
+            self.history.push_back(transition);
+        }
     }
 
     /// Takes a monitor's view of the members. Joins, departures, adopted pins and failovers

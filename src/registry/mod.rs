@@ -656,6 +656,11 @@ fn flush(state: &mut RegistryState) {
     if state.dirty.is_empty() {
         return;
     }
+    // A follower writes only what clients ask for, durably; status is the leader's to write.
+    if state.leadership.role == Role::Follower {
+        state.dirty.clear();
+        return;
+    }
     let stale_after = state.stale_after();
     let mut batch = WriteBatch::default();
     let mut held_back = HashSet::new();

@@ -85,6 +85,10 @@ struct Target {
 
 struct Staged {
     change: SettingsChange,
+    /// When the change was made, as stored.
+    at: chrono::DateTime<Utc>,
+    /// The history entry stored with the change, under its reserved sequence number.
+    entry: Option<(u64, crate::cluster::Transition)>,
     /// What verification saw; `None` for a rename.
     report: Option<ProbeReport>,
 }
@@ -409,17 +413,36 @@ fn stage(
         members,
         fields: target.fields.clone(),
     };
+    // The history entry goes with the record, in one transaction: with a shared store the
+    // instance that monitors the cluster sees both at once.
+    let at = Utc::now();
+    let Some(cluster) = state.clusters.get_mut(&id) else {
+        return Err(RegistryError::NotFound);
+    };
+    let entry = cluster
+        .settings_transition(&change, at)
+        .map(|transition| (cluster.reserve_sequence(), transition));
+    let mut record = cluster.record.with_settings(&change);
+    if entry.is_some() {
+        record.updated_at = at;
+    }
     let mut batch = WriteBatch::default();
-    batch
-        .records
-        .insert(id, cluster.record.with_settings(&change));
+    batch.records.insert(id, record);
+    if let Some((sequence, transition)) = &entry {
+        batch.history.push((id, *sequence, transition.clone()));
+    }
     let stored = state.writer.write_durably(batch);
     let registry = myself.clone();
     tokio::spawn(async move {
         let result = stored.await;
         let _ = registry.cast(RegistryMsg::PatchStored(id, result));
     });
-    active.staged = Some(Staged { change, report });
+    active.staged = Some(Staged {
+        change,
+        at,
+        entry,
+        report,
+    });
     Ok(())
 }
 
@@ -453,17 +476,21 @@ pub(super) async fn on_patch_stored(
     let now = Utc::now();
     let old_name = cluster.record.name.clone();
     let fields = staged.change.fields.clone();
-    cluster.change_settings(staged.change, now);
+    cluster.apply_settings(staged.change, staged.at, staged.entry);
+    let runs_monitors = state.leadership.role.runs_monitors();
     let session = staged.report.map(|report| {
-        // What verification saw is the cluster's newest check.
-        cluster.apply_check(
-            CheckOutcome::Answered {
-                health: report.status.health,
-                version: Some(report.version),
-            },
-            threshold,
-            now,
-        );
+        // What verification saw is the cluster's newest check; on a follower the leader's
+        // monitor decides the status.
+        if runs_monitors {
+            cluster.apply_check(
+                CheckOutcome::Answered {
+                    health: report.status.health,
+                    version: Some(report.version),
+                },
+                threshold,
+                now,
+            );
+        }
         report.session
     });
     let view = cluster.view(stale_after);

@@ -22,7 +22,7 @@ use tempfile::TempDir;
 use tokio::net::UnixDatagram;
 
 use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer};
-use crate::fake_pve::FakePve;
+use crate::fake_pve::{DEFAULT_USER, FakePve};
 use crate::helpers::{
     STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, fake_pve, fetch_cluster, history, id_of,
     json_of, list_clusters, proxmoxer_command, register_body, register_fake, register_fake_id,
@@ -1008,6 +1008,66 @@ async fn migrate_copies_a_redb_registry_into_etcd_once_and_refuses_a_different_n
     );
     let unchanged = registry.instance().spawn().await;
     assert_eq!(identities(&unchanged).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_on_a_follower_reaches_the_leaders_monitor() {
+    let Some(etcd) = EtcdServer::single("change_on_a_follower").await else {
+        return;
+    };
+    let fake = fake_pve().await;
+    let registry = SharedRegistry::new("change-on-follower", etcd.endpoints());
+    let apps = registry.spawn_instances(2).await;
+    let all: Vec<&TestApp> = apps.iter().collect();
+    let leader = wait_for_one_leader(&all).await;
+    let follower = &apps[1 - leader];
+    let id = register_fake_id(follower, &fake, "lab").await;
+    wait_until_all_show(&all, &id, "healthy", "ok").await;
+
+    // The password is rotated on Proxmox: the leader's monitor is refused...
+    fake.set_password(DEFAULT_USER, "rotated-password");
+    fake.invalidate_tickets();
+    wait_until_all_show(&all, &id, "unhealthy", "auth_failed").await;
+
+    // ...until an operator hands the new one to the follower, which stores it in etcd.
+    let response = follower
+        .client
+        .patch(follower.api_url(&format!("/clusters/{id}")))
+        .header("content-type", "application/json")
+        .body(json!({"password": "rotated-password", "name": "lab-eu"}).to_string())
+        .send()
+        .await
+        .expect("PATCH");
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["name"], "lab-eu", "{body}");
+
+    // The leader's monitor logs in with it: every instance shows the cluster healthy again
+    // under its new name, and the change is in the history the leader serves.
+    wait_until_all_show(&all, &id, "healthy", "ok").await;
+    for app in &all {
+        assert_eq!(fetch_cluster(app, &id).await["name"], "lab-eu");
+    }
+    let (status, body) = history(&apps[leader], &id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let changed: Vec<&Value> = body["transitions"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter(|t| t["reason"] == "settings_changed")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(changed.len(), 1, "{body}");
+    let fields = changed[0]["fields"].to_string();
+    assert!(
+        fields.contains("password") && fields.contains("name"),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("rotated-password"),
+        "the history names fields, never values"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
