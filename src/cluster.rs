@@ -193,6 +193,17 @@ pub struct Transition {
     pub fields: Vec<String>,
 }
 
+/// The newest [`HISTORY_CAPACITY`] of stored transitions, and the sequence number the next
+/// one gets.
+fn history_window(stored: Vec<(u64, Transition)>) -> (VecDeque<Transition>, u64) {
+    let next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
+    let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
+    (
+        stored.into_iter().skip(skip).map(|(_, t)| t).collect(),
+        next_sequence,
+    )
+}
+
 /// A registered cluster: its persisted record plus what only lives while the daemon runs.
 #[derive(Debug)]
 pub struct Cluster {
@@ -246,9 +257,7 @@ impl Cluster {
         credentials: Credentials,
         stored: Vec<(u64, Transition)>,
     ) -> Self {
-        let next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
-        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
-        let history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        let (history, next_sequence) = history_window(stored);
         let before_restart = (record.status, record.status_reason);
         record.status = ClusterStatus::Unknown;
         record.status_reason = StatusReason::NotChecked;
@@ -286,9 +295,7 @@ impl Cluster {
         credentials: Credentials,
         stored: Vec<(u64, Transition)>,
     ) -> Self {
-        let next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
-        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
-        let history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        let (history, next_sequence) = history_window(stored);
         Self {
             last_active: record.active_endpoint.clone(),
             record,
@@ -338,9 +345,7 @@ impl Cluster {
     /// Replaces the history with the stored one: what this instance recorded but did not
     /// store (as a deposed leader) is dropped.
     pub fn replace_history(&mut self, stored: Vec<(u64, Transition)>) {
-        self.next_sequence = stored.last().map_or(0, |(sequence, _)| sequence + 1);
-        let skip = stored.len().saturating_sub(HISTORY_CAPACITY);
-        self.history = stored.into_iter().skip(skip).map(|(_, t)| t).collect();
+        (self.history, self.next_sequence) = history_window(stored);
         self.unstored.clear();
     }
 

@@ -560,7 +560,8 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn send_signal(pid: u32, signal: &str) {
+/// `kill -SIGNAL PID`, which must succeed.
+pub(crate) fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::net::UnixDatagram;
 
-use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer};
+use crate::etcd_server::{EtcdCluster, EtcdLink, EtcdServer, send_signal};
 use crate::fake_pve::{DEFAULT_USER, FakePve};
 use crate::helpers::{
     STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, fake_pve, fetch_cluster, history, id_of,
@@ -1185,7 +1185,7 @@ impl SharedRegistry {
 }
 
 /// `proxmoxer generate-key <dir>/proxmoxer.key`, which must succeed.
-fn generate_key(dir: &Path) -> PathBuf {
+pub(crate) fn generate_key(dir: &Path) -> PathBuf {
     let path = dir.join("proxmoxer.key");
     let output = proxmoxer_command()
         .arg("generate-key")
@@ -1284,15 +1284,7 @@ fn others_index(skipped: usize, index: usize) -> usize {
 }
 
 fn signal(app: &TestApp, signal: &str) {
-    let pid = app.pid().expect("the daemon was started");
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(
-        status.success(),
-        "kill -{signal} {pid} failed with {status}"
-    );
+    send_signal(app.pid().expect("the daemon was started"), signal);
 }
 
 async fn wait_for_etcd_leader(cluster: &EtcdCluster) -> usize {

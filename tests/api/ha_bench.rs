@@ -8,7 +8,7 @@
 //! cargo test --release --features etcd --test api ha_bench -- --ignored --nocapture --test-threads 1
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,9 +23,9 @@ use crate::bench::{
 };
 use crate::etcd_server::EtcdCluster;
 use crate::fake_pve::FakePve;
+use crate::ha::generate_key;
 use crate::helpers::{
-    STATUS_PATH, TestApp, TestAppBuilder, WAIT, describe, json_of, proxmoxer_command,
-    register_body, wait_until,
+    STATUS_PATH, TestApp, TestAppBuilder, WAIT, json_of, register_body, wait_until,
 };
 
 /// `PROXMOXER_MONITOR_INTERVAL` of every instance, the redb one included.
@@ -217,18 +217,6 @@ fn instance(etcd: &EtcdCluster, key_file: &Path) -> TestAppBuilder {
         .env("PROXMOXER_KEY_FILE", key_file.display().to_string())
         // No per-request debug lines: logging is not what is measured.
         .env("RUST_LOG", "info")
-}
-
-/// `proxmoxer generate-key <dir>/proxmoxer.key`, which must succeed.
-fn generate_key(dir: &Path) -> PathBuf {
-    let path = dir.join("proxmoxer.key");
-    let output = proxmoxer_command()
-        .arg("generate-key")
-        .arg(&path)
-        .output()
-        .expect("run proxmoxer generate-key");
-    assert!(output.status.success(), "{}", describe(&output));
-    path
 }
 
 /// Waits until exactly one instance says it leads and the others follow; returns its index.
