@@ -137,6 +137,9 @@ pub struct MonitorState {
     next_check: Instant,
     /// The first check runs at once (see [`MonitorArgs::check_at_once`]).
     check_at_once: bool,
+    /// The registration's probe was this cluster's first check, moments ago: the first
+    /// round only maintains the members, and checks resume an interval later.
+    probed_at_registration: bool,
     /// When the newest check started, and when it was reported.
     last_check_span: Option<(Instant, Instant)>,
     /// A non-quorate answer the running check holds while it asks the other members.
@@ -212,6 +215,11 @@ impl Actor for MonitorActor {
             // it answers.
             members.push(Member::registered("", &args.endpoint));
         }
+        let probed_at_registration = args.session.is_some() && !args.check_at_once;
+        let mut last_attempt = HashMap::new();
+        if probed_at_registration && let Some(registered) = members.iter().find(|m| m.registered) {
+            last_attempt.insert(registered.name.clone(), Instant::now());
+        }
         let roster = Roster {
             registered: args.endpoint,
             pin: args.fingerprint,
@@ -224,9 +232,14 @@ impl Actor for MonitorActor {
             preferred,
             baseline,
             reported_digest: None,
-            active: None,
+            // The probe's endpoint answered; the first report must not blank it.
+            active: if probed_at_registration {
+                args.active_endpoint.clone()
+            } else {
+                None
+            },
             clients: HashMap::new(),
-            last_attempt: HashMap::new(),
+            last_attempt,
             mismatches: Vec::new(),
             last_status: None,
             config_version: None,
@@ -247,6 +260,7 @@ impl Actor for MonitorActor {
             login_backoff: None,
             next_check: Instant::now(),
             check_at_once: args.check_at_once,
+            probed_at_registration,
             last_check_span: None,
             minority_view: None,
         })
@@ -275,7 +289,9 @@ impl Actor for MonitorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MonitorMsg::Check => {
-                state.check_and_report().await;
+                if !std::mem::take(&mut state.probed_at_registration) {
+                    state.check_and_report().await;
+                }
                 let deadline = state.settings.check_deadline();
                 // Discovery and probes come after the report, so they never delay a status,
                 // and under their own deadline, so a black-holed member cannot stall checks.

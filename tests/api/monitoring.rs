@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use crate::fake_pve::{DEFAULT_PASSWORD, DEFAULT_USER, FakePve};
 use crate::helpers::{
     STATUS_PATH, TICKET_PATH, TestApp, WAIT, daemon_checking_every, fake_pve, fetch_cluster,
-    has_status, id_of, is_healthy, list_clusters, register, register_fake_id, timestamp,
-    wait_for_cluster_skipping_stale, wait_for_member_probes, wait_until,
+    has_status, id_of, is_healthy, list_clusters, register, register_fake, register_fake_id,
+    timestamp, wait_for_cluster_skipping_stale, wait_for_member_probes, wait_until,
 };
 
 const VERSION_PATH: &str = "/api2/json/version";
@@ -411,6 +411,35 @@ async fn monitors_reuse_their_ticket_instead_of_logging_in_on_every_check() {
     assert!(fake.requests(TICKET_PATH) <= 2);
     assert_eq!(fake.failed_logins(), 0);
     wait_for_cluster_skipping_stale(&app, &id, "healthy", is_healthy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registration_probe_is_the_first_check_and_the_next_comes_an_interval_later() {
+    let fake = fake_pve().await;
+    let app = daemon("2s").await;
+    let registered = register_fake(&app, &fake, "probed-once").await;
+    let id = registered["id"].as_str().expect("id").to_owned();
+
+    // The first round (within the start-up spread) probes the members the registration did
+    // not reach, and asks the registered node nothing it has just answered.
+    let probed = wait_for_member_probes(&app, &id).await;
+    assert_eq!(fake.requests(STATUS_PATH), 1, "the registration's own call");
+    assert_eq!(
+        fake.requests(VERSION_PATH),
+        1,
+        "the registration's own call"
+    );
+    assert_eq!(probed["active_endpoint"], registered["api_endpoint"]);
+    assert_eq!(probed["status"], "healthy");
+
+    wait_for_fake("the next check", || fake.requests(STATUS_PATH) >= 2).await;
+    let checked = wait_for_a_later_second(&app, &id).await;
+    assert!(timestamp(&checked, "last_checked_at") > timestamp(&registered, "last_checked_at"));
+    assert_eq!(
+        fake.logins(),
+        1,
+        "the monitor goes on with the probe's ticket"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
