@@ -52,6 +52,7 @@ use crate::config::{Config, StorageBackend};
 use crate::domain::Secret;
 use crate::leadership::Leadership;
 use crate::monitor::MonitorSettings;
+use crate::proxmox::ProxmoxRuntime;
 use crate::proxmox::members::MemberPolicy;
 use crate::registry::{RegistryActor, RegistryArgs, RegistrySettings};
 use crate::secrets::{SecretsError, Vault};
@@ -97,6 +98,9 @@ pub enum StartupError {
     /// The registry actor did not start or stopped.
     #[error("cannot start the registry: {0}")]
     Registry(String),
+    /// The thread that talks to Proxmox cannot be started.
+    #[error("cannot start the Proxmox thread: {0}")]
+    ProxmoxThread(std::io::Error),
     /// `storage.backend = "etcd"` in a binary built without the `etcd` feature.
     #[error(
         "storage.backend is etcd, but this binary was built without etcd support; build it with \
@@ -190,6 +194,9 @@ pub async fn run(
             StorageBackend::Etcd => registry::SHARED_FLUSH_INTERVAL,
         },
     };
+    // Held until `run` returns, after the registry has stopped its monitors.
+    let (proxmox, _proxmox_thread) =
+        ProxmoxRuntime::start().map_err(StartupError::ProxmoxThread)?;
     let (registry, registry_task) = Actor::spawn(
         None,
         RegistryActor,
@@ -199,6 +206,7 @@ pub async fn run(
             clusters,
             settings,
             trust,
+            proxmox,
             leadership: match config.backend {
                 StorageBackend::Redb => Leadership::standalone(),
                 StorageBackend::Etcd => Leadership::undecided(),

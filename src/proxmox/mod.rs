@@ -15,9 +15,12 @@ use crate::tls::{Fingerprint, PresentedCertificate, TrustAnchors};
 
 /// A cluster's members: discovery, trust and pin learning.
 pub mod members;
+/// The thread Proxmox traffic runs on, apart from the API's.
+pub mod runtime;
 mod wire;
 
 pub use members::{DiscoveredMember, Discovery};
+pub use runtime::{ProxmoxRuntime, ProxmoxThread};
 pub use wire::{ClusterHealth, StatusNode, StatusReport};
 use wire::{JoinInfoData, LoginData, NodeEntry, StatusEntry, VersionData};
 

@@ -24,7 +24,7 @@ use crate::leadership::{Leadership, Role};
 use crate::monitor::MonitorMsg;
 use crate::monitor::MonitorSettings;
 use crate::proxmox::members::MemberReport;
-use crate::proxmox::{ProbeReport, ProxmoxError};
+use crate::proxmox::{ProbeReport, ProxmoxError, ProxmoxRuntime};
 use crate::secrets::{SecretsError, Vault};
 use crate::store::{RemoteChange, Store, StoreError, WriteBatch};
 use crate::tls::{Fingerprint, TrustAnchors};
@@ -252,6 +252,8 @@ pub struct RegistryArgs {
     pub settings: RegistrySettings,
     /// TLS trust for Proxmox.
     pub trust: TrustAnchors,
+    /// Where monitors and probes run.
+    pub proxmox: ProxmoxRuntime,
     /// Standalone with redb; with etcd, undecided until the election reports.
     pub leadership: Leadership,
 }
@@ -264,6 +266,7 @@ pub struct RegistryState {
     vault: Arc<Vault>,
     settings: RegistrySettings,
     trust: TrustAnchors,
+    proxmox: ProxmoxRuntime,
     clusters: BTreeMap<ClusterId, Cluster>,
     /// The names of `clusters`, so a registration's uniqueness check does not scan them all.
     names: HashSet<ClusterName>,
@@ -332,6 +335,7 @@ impl Actor for RegistryActor {
             vault: args.vault,
             settings: args.settings,
             trust: args.trust,
+            proxmox: args.proxmox,
             names: args
                 .clusters
                 .iter()
@@ -774,6 +778,7 @@ mod tests {
                     flush_interval: FLUSH_INTERVAL,
                 },
                 trust: TrustAnchors::load(None, false).expect("trust anchors"),
+                proxmox: ProxmoxRuntime::current(),
                 leadership: Leadership::standalone(),
             },
         )

@@ -79,9 +79,9 @@ pub(super) fn spawn_probe(
     // registry.
     let deadline = state.settings.monitor.registration_deadline();
     let discover = state.settings.monitor.members.discovery;
-    // Even building the client (TLS configuration included) happens off the actor: reads
-    // must not queue behind a burst of registrations.
-    tokio::spawn(async move {
+    // Even building the client (TLS configuration included) happens on the Proxmox thread:
+    // reads must not queue behind a burst of registrations.
+    state.proxmox.spawn(async move {
         let probed = async {
             let client = ProxmoxClient::new(endpoint, timeout, &trust, pin)?;
             client.probe(&credentials, discover).await

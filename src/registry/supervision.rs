@@ -164,7 +164,15 @@ pub(super) async fn spawn_monitor(
         registry: myself.clone(),
         check_at_once,
     };
-    match Actor::spawn_linked(None, MonitorActor, args, myself.get_cell()).await {
+    // The actor's task runs where it is spawned.
+    let supervisor = myself.get_cell();
+    let spawned = state
+        .proxmox
+        .spawn(async move { Actor::spawn_linked(None, MonitorActor, args, supervisor).await })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|started| started.map_err(|e| e.to_string()));
+    match spawned {
         Ok((actor, _)) => {
             state.monitor_owners.insert(actor.get_id(), id);
             state
