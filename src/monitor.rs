@@ -22,6 +22,8 @@ const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
 const TICKET_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
 /// The first check comes within min(interval, this), spread so clusters do not fire together.
 const MAX_FIRST_CHECK_DELAY: Duration = Duration::from_secs(5);
+/// The longest a check is moved to start with others (see [`on_tick`]).
+const MAX_TICK: Duration = Duration::from_millis(100);
 const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(60 * 60);
 /// Tokens never log in and tickets are renewed in place, so `/version` is also re-read on
 /// this period: an upgrade shows within it.
@@ -277,7 +279,9 @@ impl Actor for MonitorActor {
             first_check_delay(state.cluster_id, state.settings.interval)
         };
         state.next_check = Instant::now() + delay;
-        myself.send_after(delay, || MonitorMsg::Check);
+        myself.send_after(on_tick(delay, state.settings.interval), || {
+            MonitorMsg::Check
+        });
         Ok(())
     }
 
@@ -308,7 +312,9 @@ impl Actor for MonitorActor {
                     state.roster.baseline = false;
                 }
                 let delay = state.schedule_next();
-                myself.send_after(delay, || MonitorMsg::Check);
+                myself.send_after(on_tick(delay, state.settings.interval), || {
+                    MonitorMsg::Check
+                });
             }
             MonitorMsg::CheckNow(requested_at) => {
                 let in_flight_then = state
@@ -331,6 +337,25 @@ impl Actor for MonitorActor {
         }
         Ok(())
     }
+}
+
+/// Checks due within one tick (a hundredth of the interval, at most 100 ms) start together,
+/// so the Proxmox thread wakes once for several of them and the registry takes their reports
+/// in one go; a check moves by less than a tick.
+fn on_tick(delay: Duration, interval: Duration) -> Duration {
+    let tick = tick_of(interval);
+    let due = (Instant::now() + delay).saturating_duration_since(*EPOCH);
+    let tick_nanos = tick.as_nanos().max(1);
+    let aligned_nanos = due.as_nanos().div_ceil(tick_nanos) * tick_nanos;
+    let aligned = *EPOCH + Duration::from_nanos(u64::try_from(aligned_nanos).unwrap_or(u64::MAX));
+    aligned.saturating_duration_since(Instant::now())
+}
+
+/// The ticks every monitor's checks are aligned to count from here.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn tick_of(interval: Duration) -> Duration {
+    (interval / 100).clamp(Duration::from_millis(1), MAX_TICK)
 }
 
 /// Spreads first checks over [0, min(interval, 5 s)) by cluster id, so a thousand clusters
@@ -922,6 +947,38 @@ impl MonitorState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_move_to_the_next_tick_and_never_earlier() {
+        for interval in [
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+        ] {
+            let tick = tick_of(interval);
+            for delay_ms in [0, 1, 7, 99, 100, 101, 4_999, 10_000] {
+                let delay = Duration::from_millis(delay_ms);
+                let before = Instant::now();
+                let due = Instant::now() + on_tick(delay, interval);
+                let after = Instant::now();
+                assert!(due >= before + delay, "{interval:?}/{delay:?}: not earlier");
+                assert!(
+                    due <= after + delay + tick,
+                    "{interval:?}/{delay:?}: within a tick"
+                );
+                let nanos = due.duration_since(*EPOCH).as_nanos() % tick.as_nanos();
+                // Instants are read twice; allow the microseconds between the reads.
+                let off = nanos.min(tick.as_nanos() - nanos);
+                assert!(
+                    off < 1_000_000,
+                    "{interval:?}/{delay:?}: {off} ns off the tick"
+                );
+            }
+        }
+        assert_eq!(tick_of(Duration::from_secs(10)), Duration::from_millis(100));
+        assert_eq!(tick_of(Duration::from_secs(1)), Duration::from_millis(10));
+        assert_eq!(tick_of(Duration::from_millis(50)), Duration::from_millis(1));
+    }
 
     #[test]
     fn first_checks_are_spread_within_the_window() {
