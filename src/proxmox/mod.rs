@@ -15,7 +15,7 @@ use crate::tls::{Fingerprint, PresentedCertificate, TrustAnchors};
 
 /// A cluster's members: discovery, trust and pin learning.
 pub mod members;
-/// The thread Proxmox traffic runs on, apart from the API's.
+/// The thread the monitors run on, apart from the API's.
 pub mod runtime;
 mod wire;
 

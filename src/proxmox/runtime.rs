@@ -1,12 +1,11 @@
-//! The thread every conversation with Proxmox runs on: monitors, their checks and the probes of
-//! registrations and settings changes.
+//! The thread the monitors run on, with their checks and member probes.
 //!
 //! The API answers from bytes rendered ahead of time, so a GET costs microseconds; what delays
-//! it is waiting for a core. Checks and probes are the daemon's bulk work (connections, HTTP,
-//! JSON), and on the API's threads a burst of them queues every GET behind it. On a thread of
-//! their own, one thread with no work stealing between workers, a check also costs fewer
-//! wake-ups, and the thread runs at a lower scheduling priority so that the kernel prefers the
-//! API's threads whenever both want a core. One thread checks thousands of clusters per second
+//! it is waiting for a core. Checks are the daemon's steady bulk work (connections, HTTP,
+//! JSON); on a thread of their own, one thread with no work stealing between workers, a check
+//! costs fewer wake-ups, and the thread runs at a lower scheduling priority so that the kernel
+//! prefers the API's threads whenever both want a core. Probes for registrations and settings
+//! changes stay on the API's threads: an operator is waiting on each. One thread checks thousands of clusters per second
 //! (a check costs about a quarter of a millisecond of CPU).
 
 use std::future::Future;

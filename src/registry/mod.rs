@@ -252,7 +252,7 @@ pub struct RegistryArgs {
     pub settings: RegistrySettings,
     /// TLS trust for Proxmox.
     pub trust: TrustAnchors,
-    /// Where monitors and probes run.
+    /// Where monitors run.
     pub proxmox: ProxmoxRuntime,
     /// Standalone with redb; with etcd, undecided until the election reports.
     pub leadership: Leadership,

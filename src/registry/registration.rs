@@ -79,9 +79,11 @@ pub(super) fn spawn_probe(
     // registry.
     let deadline = state.settings.monitor.registration_deadline();
     let discover = state.settings.monitor.members.discovery;
-    // Even building the client (TLS configuration included) happens on the Proxmox thread:
-    // reads must not queue behind a burst of registrations.
-    state.proxmox.spawn(async move {
+    // Even building the client (TLS configuration included) happens off the actor: reads
+    // must not queue behind a burst of registrations. An operator is waiting on the answer, so
+    // it runs on the API's threads, not behind the monitors on the Proxmox thread (one thread
+    // of lower priority held registrations to two thirds of the rate).
+    tokio::spawn(async move {
         let probed = async {
             let client = ProxmoxClient::new(endpoint, timeout, &trust, pin)?;
             client.probe(&credentials, discover).await
