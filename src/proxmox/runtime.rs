@@ -8,7 +8,6 @@
 //! changes stay on the API's threads: an operator is waiting on each. One thread checks thousands of clusters per second
 //! (a check costs about a quarter of a millisecond of CPU).
 
-use std::future::Future;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -61,12 +60,8 @@ impl ProxmoxRuntime {
         }
     }
 
-    /// Runs `task` on the Proxmox thread.
-    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.handle.spawn(task)
+    /// While the guard lives, tasks spawned by the caller run on the Proxmox thread.
+    pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.handle.enter()
     }
 }

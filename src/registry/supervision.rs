@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ractor::{Actor, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{ActorRef, ActorRuntime, RpcReplyPort, SupervisionEvent};
 
 use super::{
     FIRST_RESTART_DELAY, HEALTHY_PERIOD, MAX_RESTART_DELAY, RegistryError, RegistryMsg,
@@ -164,14 +164,13 @@ pub(super) async fn spawn_monitor(
         registry: myself.clone(),
         check_at_once,
     };
-    // The actor's task runs where it is spawned.
-    let supervisor = myself.get_cell();
-    let spawned = state
-        .proxmox
-        .spawn(async move { Actor::spawn_linked(None, MonitorActor, args, supervisor).await })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|started| started.map_err(|e| e.to_string()));
+    // The actor's task runs on the runtime it is spawned from. Not waiting for its start
+    // keeps the registry (and every read queued behind it) off the Proxmox thread's schedule;
+    // a monitor's start cannot fail, and messages sent meanwhile wait in its mailbox.
+    let spawned = {
+        let _on_proxmox_thread = state.proxmox.enter();
+        ActorRuntime::spawn_linked_instant(None, MonitorActor, args, myself.get_cell())
+    };
     match spawned {
         Ok((actor, _)) => {
             state.monitor_owners.insert(actor.get_id(), id);
