@@ -7,6 +7,7 @@
 //! timer and a channel receiver until something it shows changes.
 
 use std::convert::Infallible;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::Json;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::audit::AuditSubject;
+use super::listener::Deferred;
 use super::openapi::{ClusterList, ErrorBody, HistoryList};
 use super::{ApiError, AppState, REGISTRY_CALL_TIMEOUT_MS, ask, registry_unavailable};
 use crate::cluster::ClusterView;
@@ -73,38 +75,21 @@ type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
     ))]
 pub(super) async fn clusters_list(
     State(state): State<AppState>,
-    mut precondition: IfNoneMatch,
+    precondition: IfNoneMatch,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let (list_query, wait) = {
         let mut parameters = Parameters::parse(query, LIST_PARAMETERS)?;
         (parse_list_query(&mut parameters)?, parameters.wait()?)
     };
-    let deadline = precondition.deadline(wait);
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        let ReadList {
-            snapshot,
-            mut changes,
-        } = ask(&state.registry, RegistryMsg::ReadList).await?;
-        let rendered = snapshot.query(&list_query);
-        // A held request keeps a tag and a receiver, not the list it was cut from.
-        drop(snapshot);
-        let (etag, deadline) = match precondition.hold(rendered, deadline) {
-            Verdict::Hold(etag, deadline) => (etag, deadline),
-            Verdict::Answer(answer) => return Ok(answer),
-        };
-        tracing::debug!(
-            route = "/api/v1/clusters",
-            etag = %etag.header(),
-            "holding a blocking query"
-        );
-        match park(&mut changes, deadline, &mut shutdown).await {
-            // Something in the list changed, maybe not this page: compare again.
-            Wake::Changed => {}
-            Wake::Closed | Wake::Done => return Ok(not_modified(etag)),
-        }
-    }
+    BlockingRead::new(
+        state,
+        Watched::List(Box::new(list_query)),
+        precondition,
+        wait,
+    )
+    .answer()
+    .await
 }
 
 /// A body rendered by the registry, sent as is with its tag.
@@ -163,42 +148,210 @@ fn set_etag(headers: &mut HeaderMap, etag: Etag) {
 pub(super) async fn clusters_get(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-    mut precondition: IfNoneMatch,
+    precondition: IfNoneMatch,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let id = parse_cluster_id(id)?;
     let wait = Parameters::parse(query, CLUSTER_PARAMETERS)?.wait()?;
-    let deadline = precondition.deadline(wait);
-    let mut shutdown = state.shutdown.clone();
-    let registry = &state.registry;
-    loop {
-        let ReadCluster {
-            rendered,
-            mut changes,
-        } = call_t!(
-            registry,
-            RegistryMsg::ReadCluster,
-            REGISTRY_CALL_TIMEOUT_MS,
-            id
-        )
-        .map_err(registry_unavailable)?
-        .ok_or(ApiError::ClusterNotFound)?;
-        let (etag, deadline) = match precondition.hold(rendered, deadline) {
-            Verdict::Hold(etag, deadline) => (etag, deadline),
-            Verdict::Answer(answer) => return Ok(answer),
-        };
-        tracing::debug!(
-            route = "/api/v1/clusters/{id}",
-            cluster_id = %id,
-            etag = %etag.header(),
-            "holding a blocking query"
-        );
-        match park(&mut changes, deadline, &mut shutdown).await {
-            // Changed, or deleted: asking again answers as a fresh read would (404 for gone).
-            Wake::Changed | Wake::Closed => {}
-            Wake::Done => return Ok(not_modified(etag)),
+    BlockingRead::new(state, Watched::Cluster(id), precondition, wait)
+        .answer()
+        .await
+}
+
+/// What a read shows: one cluster, or a list.
+enum Watched {
+    Cluster(ClusterId),
+    /// Boxed: most held requests watch one cluster.
+    List(Box<ListQuery>),
+}
+
+/// The channel that tells a held read that what it shows may have changed.
+enum Changes {
+    /// Sees the cluster's every new tag; closed when it is deleted.
+    Cluster(watch::Receiver<Etag>),
+    /// Sees every change of any tag in the list; closed when the registry stops.
+    List(watch::Receiver<u64>),
+}
+
+impl Changes {
+    async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        match self {
+            Self::Cluster(changes) => changes.changed().await,
+            Self::List(changes) => changes.changed().await,
         }
     }
+}
+
+impl Watched {
+    /// The current representation, and the channel of its next change.
+    async fn read(
+        &self,
+        registry: &ActorRef<RegistryMsg>,
+    ) -> Result<(Rendered, Changes), ApiError> {
+        match self {
+            Self::Cluster(id) => {
+                let ReadCluster { rendered, changes } = call_t!(
+                    registry,
+                    RegistryMsg::ReadCluster,
+                    REGISTRY_CALL_TIMEOUT_MS,
+                    *id
+                )
+                .map_err(registry_unavailable)?
+                .ok_or(ApiError::ClusterNotFound)?;
+                Ok((rendered, Changes::Cluster(changes)))
+            }
+            Self::List(query) => {
+                let ReadList { snapshot, changes } = ask(registry, RegistryMsg::ReadList).await?;
+                Ok((snapshot.query(query), Changes::List(changes)))
+            }
+        }
+    }
+
+    /// Whether a closed channel means this is gone, so that reading again answers as a fresh
+    /// read would (404), rather than that the registry stopped.
+    fn gone_when_closed(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Logs, at debug, that a request for this is held while its tag is `etag`.
+    fn log_holding(&self, etag: Etag) {
+        match self {
+            Self::Cluster(id) => tracing::debug!(
+                route = "/api/v1/clusters/{id}",
+                cluster_id = %id,
+                etag = %etag.header(),
+                "holding a blocking query"
+            ),
+            Self::List(_) => tracing::debug!(
+                route = "/api/v1/clusters",
+                etag = %etag.header(),
+                "holding a blocking query"
+            ),
+        }
+    }
+}
+
+/// A read that is held while the client has what it shows, when the request allows: a
+/// blocking query.
+struct BlockingRead {
+    registry: ActorRef<RegistryMsg>,
+    shutdown: watch::Receiver<bool>,
+    watched: Watched,
+    precondition: IfNoneMatch,
+    /// Until when the request may be held; `None` answers at once.
+    deadline: Option<Instant>,
+}
+
+impl BlockingRead {
+    fn new(
+        state: AppState,
+        watched: Watched,
+        precondition: IfNoneMatch,
+        wait: Option<Duration>,
+    ) -> Self {
+        Self {
+            registry: state.registry,
+            shutdown: state.shutdown,
+            watched,
+            deadline: precondition.deadline(wait),
+            precondition,
+        }
+    }
+
+    /// The answer now, or a deferred one when the request is held.
+    async fn answer(mut self) -> Result<Response, ApiError> {
+        let (rendered, changes) = self.watched.read(&self.registry).await?;
+        match self.precondition.hold(rendered, self.deadline) {
+            Verdict::Answer(answer) => Ok(answer),
+            Verdict::Hold(etag, deadline) => {
+                self.watched.log_holding(etag);
+                let held = Held {
+                    registry: self.registry,
+                    shutdown: self.shutdown,
+                    watched: self.watched,
+                    precondition: self.precondition,
+                    etag,
+                    deadline,
+                    changes,
+                };
+                Ok(Deferred::respond(not_modified(etag), held.answer()))
+            }
+        }
+    }
+}
+
+/// A held request: all it keeps while it waits. Neither the representation nor the request
+/// (the router has let go of it: [`Deferred`]), but a tag, a channel receiver and a timer, so
+/// that thousands of them cost little memory, and no CPU until something they show changes.
+struct Held {
+    registry: ActorRef<RegistryMsg>,
+    shutdown: watch::Receiver<bool>,
+    watched: Watched,
+    precondition: IfNoneMatch,
+    /// The tag of what the client has.
+    etag: Etag,
+    deadline: Instant,
+    changes: Changes,
+}
+
+impl Held {
+    /// Waits, without polling, until the tag differs from what the client has (200), the
+    /// cluster is gone (404), the wait ends or the daemon stops (304).
+    ///
+    /// Not an `async fn`: its arguments would be kept twice in its state, once as arguments
+    /// and once as the locals they are moved to.
+    // Written out for the size of the state each held request keeps; see above.
+    #[allow(clippy::manual_async_fn)]
+    fn answer(mut self) -> impl Future<Output = Response> + Send + 'static {
+        async move {
+            loop {
+                let wake = tokio::select! {
+                    changed = self.changes.changed() => match changed {
+                        Ok(()) => Wake::Changed,
+                        Err(_) => Wake::Closed,
+                    },
+                    () = tokio::time::sleep_until(self.deadline) => Wake::Done,
+                    () = stopping(&self.shutdown) => Wake::Done,
+                };
+                match wake {
+                    // Something it shows changed, maybe not what this request shows: compare
+                    // again.
+                    Wake::Changed => {}
+                    Wake::Closed if self.watched.gone_when_closed() => {}
+                    Wake::Closed | Wake::Done => return not_modified(self.etag),
+                }
+                // Boxed, so that what a registry call needs is not kept while the request
+                // waits.
+                let rendered;
+                (rendered, self.changes) = match Box::pin(self.watched.read(&self.registry)).await {
+                    Ok(read) => read,
+                    Err(error) => return error.into_response(),
+                };
+                match self.precondition.hold(rendered, Some(self.deadline)) {
+                    Verdict::Answer(answer) => return answer,
+                    Verdict::Hold(etag, _) => {
+                        self.etag = etag;
+                        self.watched.log_holding(etag);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the daemon is stopping, checked each time it is polled, without a waiter of
+/// its own: the request's connection watches for the stop and, once it comes, polls the
+/// request's answer again ([`super::listener`]). A shutdown sender dropped without ever
+/// saying so is not a shutdown: then this never resolves, rather than ending every wait at
+/// once.
+fn stopping(shutdown: &watch::Receiver<bool>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(|_| {
+        if *shutdown.borrow() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
 }
 
 /// What a read does with the representation it got.
@@ -217,30 +370,6 @@ enum Wake {
     Closed,
     /// The wait is over, or the daemon is stopping.
     Done,
-}
-
-/// Waits, without polling, for a change, the deadline, or shutdown.
-async fn park<T>(
-    changes: &mut watch::Receiver<T>,
-    deadline: Instant,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Wake {
-    tokio::select! {
-        changed = changes.changed() => match changed {
-            Ok(()) => Wake::Changed,
-            Err(_) => Wake::Closed,
-        },
-        () = tokio::time::sleep_until(deadline) => Wake::Done,
-        () = stopping(shutdown) => Wake::Done,
-    }
-}
-
-/// Resolves once the daemon is stopping. A shutdown sender dropped without ever saying so
-/// is not a shutdown: then this never resolves, rather than ending every wait at once.
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    if shutdown.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 /// The request's `If-None-Match`: the tags it names, compared weakly (RFC 9110 §13.1.2).

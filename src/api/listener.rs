@@ -17,9 +17,10 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderValue, Request, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -152,6 +154,8 @@ async fn serve_connection(
         tokio::select! {
             ended = &mut connection => break ended,
             // Finishes the request in progress, then closes; an idle connection closes now.
+            // Polling the connection again polls the answer of the request in progress: a
+            // deferred answer learns of the stop that way, without a waiter of its own.
             () = stopping(&mut stop), if !draining => {
                 Pin::new(&mut connection).graceful_shutdown();
                 draining = true;
@@ -230,7 +234,7 @@ struct ApiService {
 impl hyper::service::Service<Request<Incoming>> for ApiService {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = ApiFuture;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
@@ -246,20 +250,131 @@ impl hyper::service::Service<Request<Incoming>> for ApiService {
         };
         let router = TowerToHyperService::new(self.app.clone());
         let request = Request::from_parts(parts, body);
-        let remote = self.remote;
-        Box::pin(async move {
-            let Ok(mut response) = hyper::service::Service::call(&router, request).await;
-            // Whatever the handler made of the failed body (a JSON error, most likely), the
-            // client is told why, and the connection is not kept for a body still on its way.
-            if late.is_some_and(|late| late.load(Ordering::Relaxed)) {
-                tracing::debug!(%remote, "a request body did not arrive in time");
-                response = ApiError::RequestTimeout.into_response();
+        let routing = hyper::service::Service::call(&router, request);
+        ApiFuture {
+            stage: Stage::Routing(Box::pin(async move {
+                let Ok(response) = routing.await;
                 response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(response)
-        })
+            })),
+            late,
+            remote: self.remote,
+        }
+    }
+}
+
+/// A boxed answer to one request.
+type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// One request's answer as hyper awaits it: the router's, or, when that is [`Deferred`], the
+/// deferred one. Not an `async` block: hyper keeps this in a box per connection, and the
+/// router's state, boxed on its own, is freed as soon as it has answered, so a request that
+/// waits long holds only what its deferred answer needs.
+struct ApiFuture {
+    stage: Stage,
+    /// Set when the request body did not arrive in time.
+    late: Option<Arc<AtomicBool>>,
+    remote: SocketAddr,
+}
+
+enum Stage {
+    Routing(Answer),
+    Deferred(Answer),
+}
+
+impl Future for ApiFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            let response = match &mut this.stage {
+                Stage::Routing(routing) => {
+                    let mut response = ready!(routing.as_mut().poll(cx));
+                    if let Some(answer) = Deferred::take(&mut response) {
+                        this.stage = Stage::Deferred(answer);
+                        continue;
+                    }
+                    response
+                }
+                Stage::Deferred(answer) => ready!(answer.as_mut().poll(cx)),
+            };
+            return Poll::Ready(Ok(this.checked_for_a_late_body(response)));
+        }
+    }
+}
+
+impl ApiFuture {
+    /// Whatever the handler made of a failed body (a JSON error, most likely), the client is
+    /// told why, and the connection is not kept for a body still on its way.
+    fn checked_for_a_late_body(&self, response: Response) -> Response {
+        if !self
+            .late
+            .as_ref()
+            .is_some_and(|late| late.load(Ordering::Relaxed))
+        {
+            return response;
+        }
+        tracing::debug!(remote = %self.remote, "a request body did not arrive in time");
+        let mut response = ApiError::RequestTimeout.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+}
+
+/// An answer a handler gives later, after the router and its middleware have let go of the
+/// request: the response that carries it as an extension is a placeholder, and the connection
+/// awaits the deferred answer in its place. A request that waits long (a blocking query) then
+/// holds only its own small state, not the request, the middleware's and the handler's futures.
+/// Middleware that acts on the response does so through [`Deferred::map`]. The connection
+/// polls the answer again when the daemon starts to stop, so an answer that must end then can
+/// check for the stop when polled rather than wait for it.
+#[derive(Clone)]
+pub struct Deferred(Arc<Mutex<Option<Answer>>>);
+
+impl Deferred {
+    /// `placeholder`, standing for `answer`: what the client gets should nothing await the
+    /// deferred answer (e.g. the router served without [`serve`]). A panic in `answer` is
+    /// answered like one in a handler.
+    pub fn respond(
+        mut placeholder: Response,
+        answer: impl Future<Output = Response> + Send + 'static,
+    ) -> Response {
+        let answer = AssertUnwindSafe(answer).catch_unwind().map(|answer| {
+            answer.unwrap_or_else(|_| {
+                ApiError::Internal("a request handler panicked".into()).into_response()
+            })
+        });
+        placeholder
+            .extensions_mut()
+            .insert(Self(Arc::new(Mutex::new(Some(Box::pin(answer))))));
+        placeholder
+    }
+
+    /// Applies `finish` to the answer `response` stands for, once it is given; `Err` gives
+    /// `finish` back when `response` is the answer itself.
+    pub fn map<F>(response: &mut Response, finish: F) -> Result<(), F>
+    where
+        F: FnOnce(Response) -> Response + Send + 'static,
+    {
+        let Some(answer) = Self::take(response) else {
+            return Err(finish);
+        };
+        let mapped: Answer = Box::pin(answer.map(finish));
+        response
+            .extensions_mut()
+            .insert(Self(Arc::new(Mutex::new(Some(mapped)))));
+        Ok(())
+    }
+
+    /// The deferred answer `response` stands for, if it is a placeholder.
+    fn take(response: &mut Response) -> Option<Answer> {
+        let Self(slot) = response.extensions_mut().remove::<Self>()?;
+        // Poisoned only by a panic while taking or putting the answer, which cannot happen;
+        // the answer is still there then.
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.take()
     }
 }
 

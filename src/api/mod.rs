@@ -85,7 +85,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Tags each request with an id (the client's `X-Request-Id`, or a new one), echoes it, logs
-/// the request at debug and counts it by route template and status.
+/// the request at debug and counts it by route template and status. A deferred answer (a
+/// blocking query) is tagged, logged and counted when it is given.
 async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -104,34 +105,64 @@ async fn observe(request: Request, next: Next) -> Response {
         })
         .map_or_else(new_request_id, str::to_owned);
     let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
-    tracing::debug!(
-        %method,
+    let observed = Observed {
+        started,
+        method,
         route,
-        status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
         request_id,
-        "request"
-    );
-    let method = method_label(&method);
-    metrics::counter!(
-        "proxmoxer_http_requests_total",
-        "method" => method,
-        "route" => route.clone(),
-        "status" => status.to_string(),
-    )
-    .increment(1);
-    metrics::histogram!(
-        "proxmoxer_http_request_duration_seconds",
-        "method" => method,
-        "route" => route,
-    )
-    .record(elapsed.as_secs_f64());
-    response
+    };
+    match listener::Deferred::map(&mut response, move |answer| observed.record(answer)) {
+        Ok(()) => response,
+        Err(record) => record(response),
+    }
+}
+
+/// What [`observe`] keeps of a request until its answer.
+struct Observed {
+    started: Instant,
+    method: Method,
+    route: String,
+    request_id: String,
+}
+
+impl Observed {
+    /// Echoes the request id on `response`, logs the request and counts it.
+    fn record(self, mut response: Response) -> Response {
+        let Self {
+            started,
+            method,
+            route,
+            request_id,
+        } = self;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        tracing::debug!(
+            %method,
+            route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id,
+            "request"
+        );
+        let method = method_label(&method);
+        metrics::counter!(
+            "proxmoxer_http_requests_total",
+            "method" => method,
+            "route" => route.clone(),
+            "status" => status.to_string(),
+        )
+        .increment(1);
+        metrics::histogram!(
+            "proxmoxer_http_request_duration_seconds",
+            "method" => method,
+            "route" => route,
+        )
+        .record(elapsed.as_secs_f64());
+        response
+    }
 }
 
 /// A request id unique to this process and unlikely to repeat across restarts: a random
