@@ -21,7 +21,8 @@ use tokio::net::UnixDatagram;
 use crate::fake_pve::FakePve;
 use crate::helpers::{
     STATUS_PATH, TestApp, WAIT, fake_pve, fast_daemon, fetch_cluster, history, id_of, json_of,
-    register_body, register_fake, register_fake_id, wait_for_cluster, wait_until,
+    register_body, register_fake, register_fake_id, wait_for_cluster, wait_for_member_probes,
+    wait_until,
 };
 use crate::helpers::{describe, proxmoxer_command};
 
@@ -1938,4 +1939,57 @@ async fn the_daemon_uses_a_key_made_by_generate_key() {
     );
     assert_eq!(std::fs::read(&key).expect("read the key"), original);
     assert_eq!(app.key_path(), key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_query_is_tagged_logged_and_counted_when_it_answers() {
+    let fake = fake_pve().await;
+    let app = fast_daemon().env("RUST_LOG", "debug").spawn().await;
+    let id = register_fake_id(&app, &fake, "held").await;
+    // Past the member probes after registration, which change what is shown.
+    wait_for_member_probes(&app, &id).await;
+    let url = app.api_url(&format!("/clusters/{id}"));
+    let first = app.client.get(&url).send().await.expect("GET");
+    let tag = first.headers()["etag"].to_str().expect("tag").to_owned();
+
+    let held = app
+        .client
+        .get(format!("{url}?wait=1s"))
+        .header("if-none-match", &tag)
+        .header("x-request-id", "held-query-1")
+        .send()
+        .await
+        .expect("held GET");
+    assert_eq!(held.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(held.headers()["x-request-id"], "held-query-1");
+    assert_eq!(held.headers()["etag"].to_str().expect("tag"), tag);
+
+    let route = [
+        ("method", "GET"),
+        ("route", "/api/v1/clusters/{id}"),
+        ("status", "304"),
+    ];
+    let m = wait_for_scrape(&app, "the held query counted", |m| {
+        m.value("proxmoxer_http_requests_total", &route).is_some()
+    })
+    .await;
+    assert_eq!(m.expect("proxmoxer_http_requests_total", &route), 1.0);
+    // Timed at its answer, not when the handler let go of it: the wait is in the histogram.
+    let timed = m.expect(
+        "proxmoxer_http_request_duration_seconds_sum",
+        &[("method", "GET"), ("route", "/api/v1/clusters/{id}")],
+    );
+    assert!(timed >= 0.9, "{}", m.text);
+    assert!(
+        wait_until(
+            async || app
+                .logs()
+                .lines()
+                .any(|l| l.contains("held-query-1") && l.contains("304")),
+            WAIT
+        )
+        .await,
+        "the request's log line names its id and status:\n{}",
+        app.logs()
+    );
 }
