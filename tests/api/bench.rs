@@ -269,19 +269,23 @@ async fn compare_with_bare(app: &TestApp, clusters: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
-async fn bench_reads_writes_and_waits_against_a_bare_server() {
-    let fake = FakePve::start().await;
-    // Checks stay out of the way of the read figures: one round at start, then an hour. No
-    // per-request debug lines: logging is not what is measured.
-    // Room for ten thousand parked queries on connections of their own, kept open while idle.
-    let app = TestApp::builder()
+/// A daemon for the read and parking figures. Checks stay out of their way: one round at start,
+/// then an hour. No per-request debug lines: logging is not what is measured. Room for ten
+/// thousand parked queries on connections of their own, kept open while idle.
+async fn quiet_daemon_for_many_connections() -> TestApp {
+    TestApp::builder()
         .config_toml("[server]\nmax_connections = 20000\nheader_timeout = \"5m\"\n")
         .env("PROXMOXER_MONITOR_INTERVAL", "1h")
         .env("RUST_LOG", "info")
         .spawn()
-        .await;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+async fn bench_reads_writes_and_waits_against_a_bare_server() {
+    let fake = FakePve::start().await;
+    let app = quiet_daemon_for_many_connections().await;
     let pid = app.pid().expect("daemon pid");
 
     register_range(&app, &fake, 0, 100).await;
@@ -400,12 +404,7 @@ async fn park_blocking_queries(app: &TestApp, pid: u32, waiters: usize) {
 async fn bench_parked_blocking_queries() {
     const WAITERS: usize = 2_000;
     let fake = FakePve::start().await;
-    let app = TestApp::builder()
-        .config_toml("[server]\nmax_connections = 20000\nheader_timeout = \"5m\"\n")
-        .env("PROXMOXER_MONITOR_INTERVAL", "1h")
-        .env("RUST_LOG", "info")
-        .spawn()
-        .await;
+    let app = quiet_daemon_for_many_connections().await;
     let pid = app.pid().expect("daemon pid");
     register_range(&app, &fake, 0, WAITERS).await;
     // Past the first checks and the member probes that follow registration.
