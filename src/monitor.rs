@@ -345,7 +345,7 @@ impl Actor for MonitorActor {
 fn on_tick(delay: Duration, interval: Duration) -> Duration {
     let tick = tick_of(interval);
     let due = (Instant::now() + delay).saturating_duration_since(*EPOCH);
-    let tick_nanos = tick.as_nanos().max(1);
+    let tick_nanos = tick.as_nanos();
     let aligned_nanos = due.as_nanos().div_ceil(tick_nanos) * tick_nanos;
     let aligned = *EPOCH + Duration::from_nanos(u64::try_from(aligned_nanos).unwrap_or(u64::MAX));
     aligned.saturating_duration_since(Instant::now())

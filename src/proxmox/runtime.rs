@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 /// a niceness of 5 is about a third of the CPU share, still far more than checks need.
 const NICENESS: i32 = 5;
 
-/// Where Proxmox traffic runs. Cheap to clone.
+/// Where the monitors run. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ProxmoxRuntime {
     handle: Handle,

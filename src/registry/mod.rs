@@ -379,7 +379,7 @@ impl Actor for RegistryActor {
         }
         if state.leadership.role.runs_monitors() {
             for id in ids {
-                spawn_monitor(&myself, state, id, None, false).await;
+                spawn_monitor(&myself, state, id, None, false);
             }
         }
         myself.send_interval(state.settings.flush_interval, || RegistryMsg::Flush);
@@ -426,7 +426,7 @@ impl Actor for RegistryActor {
                 settings::on_patch_probed(&myself, state, id, result);
             }
             RegistryMsg::PatchStored(id, result) => {
-                settings::on_patch_stored(&myself, state, id, result).await;
+                settings::on_patch_stored(&myself, state, id, result);
             }
             RegistryMsg::CheckNow(id, reply) => {
                 supervision::on_check_now(&myself, state, id, reply);
@@ -455,10 +455,10 @@ impl Actor for RegistryActor {
                 });
             }
             RegistryMsg::Leadership(leadership) => {
-                replication::on_leadership(&myself, state, leadership).await;
+                replication::on_leadership(&myself, state, leadership);
             }
             RegistryMsg::Remote { full, changes } => {
-                replication::on_remote(&myself, state, full, changes).await;
+                replication::on_remote(&myself, state, full, changes);
             }
             RegistryMsg::Subscribe(last_event_id, reply) => {
                 let _ = reply.send(state.events.subscribe(last_event_id));
@@ -490,12 +490,12 @@ impl Actor for RegistryActor {
             } => supervision::on_check_completed(state, cluster, generation, None, Some(members)),
             RegistryMsg::RestartMonitor(id) => {
                 if state.clusters.contains_key(&id) && !state.monitors.contains_key(&id) {
-                    spawn_monitor(&myself, state, id, None, false).await;
+                    spawn_monitor(&myself, state, id, None, false);
                 }
             }
             RegistryMsg::Flush => flush(state),
             RegistryMsg::RegistrationStored(registration, result) => {
-                registration::on_registration_stored(&myself, state, registration, result).await;
+                registration::on_registration_stored(&myself, state, registration, result);
             }
             RegistryMsg::DeletionStored(id, result) => on_deletion_stored(state, id, result),
             RegistryMsg::SweepStale => sweep_stale(state),

@@ -185,7 +185,7 @@ fn store_registration(
 }
 
 /// The writer is done with a registration: on success the cluster goes live.
-pub(super) async fn on_registration_stored(
+pub(super) fn on_registration_stored(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     registration: RegistrationId,
@@ -210,7 +210,7 @@ pub(super) async fn on_registration_stored(
     state.clusters.insert(id, cluster);
     render(state, id, true);
     publish(state, EventKind::Registered, &view);
-    spawn_monitor(myself, state, id, Some(storing.session), false).await;
+    spawn_monitor(myself, state, id, Some(storing.session), false);
     let _ = storing.reply.send(Ok(view));
 }
 

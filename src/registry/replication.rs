@@ -15,7 +15,7 @@ use crate::leadership::Leadership;
 use crate::store::RemoteChange;
 
 /// The election changed this instance's part, or the leader it follows.
-pub(super) async fn on_leadership(
+pub(super) fn on_leadership(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     leadership: Leadership,
@@ -30,7 +30,7 @@ pub(super) async fn on_leadership(
             if let Some(cluster) = state.clusters.get_mut(&id) {
                 cluster.mark_observed();
             }
-            spawn_monitor(myself, state, id, None, false).await;
+            spawn_monitor(myself, state, id, None, false);
         }
     } else if was.runs_monitors() && !now.runs_monitors() {
         tracing::warn!(
@@ -56,7 +56,7 @@ pub(super) async fn on_leadership(
 
 /// Changes other instances (or the leader) stored. With `full`, `changes` is everything
 /// stored, after the watch broke: clusters it does not name were deleted meanwhile.
-pub(super) async fn on_remote(
+pub(super) fn on_remote(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     full: bool,
@@ -82,7 +82,7 @@ pub(super) async fn on_remote(
     }
     for change in changes {
         match change {
-            RemoteChange::Cluster(record) => on_remote_cluster(myself, state, *record).await,
+            RemoteChange::Cluster(record) => on_remote_cluster(myself, state, *record),
             RemoteChange::Status(status) => on_remote_status(state, &status),
             RemoteChange::Deleted(id) => {
                 // A deletion of our own is finished by its writer's answer.
@@ -110,7 +110,7 @@ pub(super) async fn on_remote(
     }
 }
 
-async fn on_remote_cluster(
+fn on_remote_cluster(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     record: ClusterRecord,
@@ -146,7 +146,7 @@ async fn on_remote_cluster(
         render(state, id, true);
         publish(state, EventKind::Registered, &view);
         if runs_monitors {
-            spawn_monitor(myself, state, id, None, true).await;
+            spawn_monitor(myself, state, id, None, true);
         }
         return;
     };
@@ -182,7 +182,7 @@ async fn on_remote_cluster(
             monitor.actor.kill();
         }
         state.dirty.insert(id);
-        spawn_monitor(myself, state, id, None, true).await;
+        spawn_monitor(myself, state, id, None, true);
     }
 }
 

@@ -448,7 +448,7 @@ fn stage(
 
 /// The writer is done with the change under way: on success it is applied and the monitor
 /// restarted on it.
-pub(super) async fn on_patch_stored(
+pub(super) fn on_patch_stored(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     id: ClusterId,
@@ -510,7 +510,7 @@ pub(super) async fn on_patch_stored(
             monitor.actor.kill();
         }
         state.restarts.remove(&id);
-        spawn_monitor(myself, state, id, Some(session), true).await;
+        spawn_monitor(myself, state, id, Some(session), true);
     }
     let _ = active.reply.send(Ok(view));
     start_next(myself, state, id);

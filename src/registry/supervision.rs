@@ -134,7 +134,7 @@ fn log_status_change(cluster: &Cluster, old: ClusterStatus, new: ClusterStatus) 
     );
 }
 
-pub(super) async fn spawn_monitor(
+pub(super) fn spawn_monitor(
     myself: &ActorRef<RegistryMsg>,
     state: &mut RegistryState,
     id: ClusterId,
