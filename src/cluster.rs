@@ -598,6 +598,11 @@ impl Cluster {
         self.last_check.is_some_and(|at| at.elapsed() > stale_after)
     }
 
+    /// When the status goes stale unless a check comes first; `None` before the first check.
+    pub fn stale_at(&self, stale_after: Duration) -> Option<Instant> {
+        self.last_check.map(|at| at + stale_after)
+    }
+
     /// The cluster as the API shows it. A stale cluster shows `unknown`.
     pub fn view(&self, stale_after: Duration) -> ClusterView {
         let (status, status_reason) = if self.is_stale(stale_after) {

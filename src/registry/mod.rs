@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
@@ -32,6 +32,7 @@ use crate::tls::{Fingerprint, TrustAnchors};
 mod registration;
 pub(crate) mod replication;
 mod settings;
+mod staleness;
 mod supervision;
 /// What GET answers, rendered ahead of time.
 pub mod views;
@@ -49,6 +50,9 @@ use writer::Writer;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// With etcd, followers see a change only once it is written: sooner, still batched.
 pub const SHARED_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Changed clusters one registry message hands to the writer: about 0.3 ms of work, so reads
+/// never wait long behind a flush.
+const FLUSH_TURN: usize = 256;
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
 /// A monitor that ran this long since its last restart starts its back-off afresh.
@@ -280,11 +284,15 @@ pub struct RegistryState {
     next_generation: u64,
     /// Clusters whose record or history changed since the last flush.
     dirty: HashSet<ClusterId>,
+    /// Changed clusters the flush under way cannot write yet; dirty again once it is over.
+    flush_held: HashSet<ClusterId>,
     events: EventHub,
     /// What GET answers, rendered ahead of time.
     views: ReadModel,
     /// Clusters last rendered as stale.
     stale_shown: HashSet<ClusterId>,
+    /// When the others go stale, while this instance runs the monitors.
+    stale_deadlines: staleness::StaleDeadlines,
     /// Settings changes per cluster, waiting or under way.
     patches: HashMap<ClusterId, PatchQueue>,
     /// Clients waiting for a check they asked for.
@@ -350,9 +358,11 @@ impl Actor for RegistryActor {
             restarts: HashMap::new(),
             next_generation: 0,
             dirty: HashSet::new(),
+            flush_held: HashSet::new(),
             events: EventHub::new(),
             views: ReadModel::new(),
             stale_shown: HashSet::new(),
+            stale_deadlines: staleness::StaleDeadlines::default(),
             patches: HashMap::new(),
             check_waiters: HashMap::new(),
             next_check_round: 0,
@@ -493,7 +503,13 @@ impl Actor for RegistryActor {
                     spawn_monitor(&myself, state, id, None, false);
                 }
             }
-            RegistryMsg::Flush => flush(state),
+            RegistryMsg::Flush => {
+                // In turns, each behind the messages already waiting: a flush of thousands
+                // of changes would otherwise hold every read for milliseconds.
+                if flush(state, FLUSH_TURN) {
+                    let _ = myself.cast(RegistryMsg::Flush);
+                }
+            }
             RegistryMsg::RegistrationStored(registration, result) => {
                 registration::on_registration_stored(&myself, state, registration, result);
             }
@@ -531,7 +547,7 @@ impl Actor for RegistryActor {
             monitor.actor.kill();
         }
         state.monitor_owners.clear();
-        flush(state);
+        flush(state, usize::MAX);
         // A disk that hangs must not hold the daemon's exit forever.
         if tokio::time::timeout(FINAL_SYNC_LIMIT, state.writer.sync())
             .await
@@ -609,8 +625,13 @@ fn render(state: &mut RegistryState, id: ClusterId, with_history: bool) {
     let view = cluster.view(stale_after);
     if view.status_reason == StatusReason::Stale {
         state.stale_shown.insert(id);
+        state.stale_deadlines.forget(id);
     } else {
         state.stale_shown.remove(&id);
+        match cluster.stale_at(stale_after) {
+            Some(at) => state.stale_deadlines.set(id, at),
+            None => state.stale_deadlines.forget(id),
+        }
     }
     state.views.put_cluster(&view, cluster.record.created_at);
     if with_history {
@@ -622,21 +643,39 @@ fn render(state: &mut RegistryState, id: ClusterId, with_history: bool) {
 /// happens, not per request.
 fn sweep_stale(state: &mut RegistryState) {
     let stale_after = state.stale_after();
-    // A follower's clusters are as fresh as the leader's work on them: the leader stores a
-    // stale status when it sees one. With nobody leading, they go stale as a monitor would.
-    let leader_at_work =
-        state.leadership.leader.is_some() && state.leadership.storage_error.is_none();
-    if !state.leadership.role.runs_monitors() && leader_at_work {
-        for cluster in state.clusters.values_mut() {
-            cluster.mark_observed();
+    let flipped: Vec<ClusterId> = if state.leadership.role.runs_monitors() {
+        // Every check is rendered, which sets the cluster's deadline: only those past it
+        // can have turned stale.
+        let mut flipped = Vec::new();
+        for id in state.stale_deadlines.take_due(Instant::now()) {
+            let Some(cluster) = state.clusters.get(&id) else {
+                continue;
+            };
+            if cluster.is_stale(stale_after) {
+                flipped.push(id);
+            } else if let Some(at) = cluster.stale_at(stale_after) {
+                state.stale_deadlines.set(id, at);
+            }
         }
-    }
-    let flipped: Vec<ClusterId> = state
-        .clusters
-        .values()
-        .filter(|c| c.is_stale(stale_after) != state.stale_shown.contains(&c.id()))
-        .map(Cluster::id)
-        .collect();
+        flipped
+    } else {
+        // A follower's clusters are as fresh as the leader's work on them: the leader stores
+        // a stale status when it sees one. With nobody leading, they go stale as a monitor
+        // would.
+        let leader_at_work =
+            state.leadership.leader.is_some() && state.leadership.storage_error.is_none();
+        if leader_at_work {
+            for cluster in state.clusters.values_mut() {
+                cluster.mark_observed();
+            }
+        }
+        state
+            .clusters
+            .values()
+            .filter(|c| c.is_stale(stale_after) != state.stale_shown.contains(&c.id()))
+            .map(Cluster::id)
+            .collect()
+    };
     for id in flipped {
         render(state, id, false);
         // Followers learn of it from the stored status.
@@ -653,26 +692,29 @@ fn publish(state: &mut RegistryState, kind: EventKind, view: &ClusterView) {
     }
 }
 
-/// Hands every changed cluster to the writer as one batch, so a burst of status changes
-/// costs one commit, not one per cluster. A cluster being deleted is left out: writing it
-/// after its deletion would bring it back.
-fn flush(state: &mut RegistryState) {
+/// Hands changed clusters to the writer, at most `at_most` of them, as one batch: a burst of
+/// status changes costs one commit, not one per cluster (the writer merges the batches that
+/// wait together). A cluster being deleted is left out: writing it after its deletion would
+/// bring it back. Whether changed clusters are left for another turn.
+fn flush(state: &mut RegistryState, at_most: usize) -> bool {
     if state.dirty.is_empty() {
-        return;
+        return false;
     }
     // A follower writes only what clients ask for, durably; status is the leader's to write.
     if state.leadership.role == Role::Follower {
         state.dirty.clear();
-        return;
+        state.flush_held.clear();
+        return false;
     }
     let stale_after = state.stale_after();
     let mut batch = WriteBatch::default();
-    let mut held_back = HashSet::new();
-    for id in std::mem::take(&mut state.dirty) {
+    let turn: Vec<ClusterId> = state.dirty.iter().take(at_most).copied().collect();
+    for id in turn {
+        state.dirty.remove(&id);
         // Kept for the next flush, in case the deletion fails and the cluster stays; or
         // until a settings change is stored, which this record would otherwise undo.
         if state.deleting.contains_key(&id) || state.change_being_stored(id) {
-            held_back.insert(id);
+            state.flush_held.insert(id);
             continue;
         }
         if let Some(cluster) = state.clusters.get_mut(&id) {
@@ -688,8 +730,13 @@ fn flush(state: &mut RegistryState) {
             batch.merge(part);
         }
     }
-    state.dirty = held_back;
     state.writer.write_in_background(batch);
+    if state.dirty.is_empty() {
+        // Held back until this flush is over, so its turns always make progress.
+        state.dirty = std::mem::take(&mut state.flush_held);
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]

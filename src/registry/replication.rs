@@ -30,6 +30,8 @@ pub(super) fn on_leadership(
             if let Some(cluster) = state.clusters.get_mut(&id) {
                 cluster.mark_observed();
             }
+            // Rendered, so that it has a deadline to go stale by.
+            super::render(state, id, false);
             spawn_monitor(myself, state, id, None, false);
         }
     } else if was.runs_monitors() && !now.runs_monitors() {
