@@ -222,7 +222,7 @@ impl Actor for MonitorActor {
         if probed_at_registration && let Some(registered) = members.iter().find(|m| m.registered) {
             last_attempt.insert(registered.name.clone(), Instant::now());
         }
-        let roster = Roster {
+        let mut roster = Roster {
             registered: args.endpoint,
             pin: args.fingerprint,
             trust: args.trust,
@@ -249,6 +249,12 @@ impl Actor for MonitorActor {
             rediscover: false,
             last_mismatch_discovery: None,
         };
+        // The registration stored what the probe found: only a change since is news. Without
+        // this, every registration's monitor would report the same members once more, and the
+        // registry would rewrite each new cluster a few seconds after storing it.
+        if probed_at_registration {
+            roster.reported_digest = Some(roster.digest());
+        }
         Ok(MonitorState {
             cluster_id: args.cluster_id,
             generation: args.generation,
@@ -511,11 +517,16 @@ impl Roster {
 
     /// The report, unless nothing in it changed since the last one: most checks change
     /// nothing about the members, and cloning them for every check is measurable.
-    fn report_if_changed(&mut self) -> Option<MemberReport> {
+    /// What a report would say, in brief: equal digests, equal reports.
+    fn digest(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (&self.members, &self.active, self.pin, self.baseline).hash(&mut hasher);
-        let digest = hasher.finish();
+        hasher.finish()
+    }
+
+    fn report_if_changed(&mut self) -> Option<MemberReport> {
+        let digest = self.digest();
         if self.reported_digest == Some(digest) {
             return None;
         }
