@@ -207,13 +207,6 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
         eprintln!("proxmoxer: {e}");
         return ExitCode::from(2);
     }
-    // mimalloc asks for transparent huge pages; the kernel then zeroes 2 MiB at the first
-    // touch of each, stalling whichever thread touched it. Measured: 5 ms of CPU in one
-    // registry message, once per 2 MiB the heap grows, so reads queued behind it (the Redis
-    // advice, for the same reason). Small pages cost this daemon nothing it can measure.
-    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
-        tracing::debug!(error = %e, "cannot turn off transparent huge pages");
-    }
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
