@@ -284,6 +284,7 @@ async fn quiet_daemon_for_many_connections() -> TestApp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
 async fn bench_reads_writes_and_waits_against_a_bare_server() {
+    raise_open_file_limit();
     let fake = FakePve::start().await;
     let app = quiet_daemon_for_many_connections().await;
     let pid = app.pid().expect("daemon pid");
@@ -319,10 +320,34 @@ async fn bench_reads_writes_and_waits_against_a_bare_server() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     compare_with_bare(&app, 10_000).await;
 
-    // Thousands of parked blocking queries. The daemon gives API connections half of its
-    // open-file limit; on a machine whose hard limit is 20,000 that is about 9,900, so 9,000
-    // leaves room for the load connections.
-    park_blocking_queries(&app, pid, 9_000).await;
+    // Ten thousand parked blocking queries, as many as the open-file limit lets the daemon
+    // serve: it gives API connections half of it, less what the load connections hold.
+    let fitting = (open_file_limit() / 2).saturating_sub(1_000) as usize;
+    park_blocking_queries(&app, pid, fitting.min(10_000)).await;
+}
+
+/// Raises this process's open-file limits, which the daemons it starts inherit, so that ten
+/// thousand connections fit on both ends (as root; otherwise they stay as they are).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    const WANTED: u64 = 65_536;
+    let current = getrlimit(Resource::Nofile);
+    if current.maximum.is_some_and(|hard| hard < WANTED) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(WANTED),
+                maximum: Some(WANTED),
+            },
+        );
+    }
+}
+
+/// The hard open-file limit; the daemon raises its soft limit to it.
+fn open_file_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX)
 }
 
 /// Opens up to `waiters` keep-alive connections, one GET each, then parks a blocking query on
@@ -433,5 +458,97 @@ async fn bench_cpu_per_monitor_check() {
     println!(
         "{CLUSTERS} clusters at a 10 s interval: {checks} checks in 30 s, daemon CPU {cpu:?}, {:.0} µs per check",
         cpu.as_micros() as f64 / checks.max(1) as f64
+    );
+}
+
+/// GETs sent at a steady rate, `connections` keep-alive connections each sending one every
+/// `every`, for `duration`; returns sorted latencies. A dashboard's load rather than a flood:
+/// it measures how long a read waits, not how many fit. The sender has a thread and runtime
+/// of its own, as a client on another machine would, so that the registration clients and
+/// the fake Proxmox busy on the test's runtime do not delay its timers or its replies.
+fn paced_reads(
+    url: String,
+    connections: usize,
+    every: Duration,
+    duration: Duration,
+) -> std::thread::JoinHandle<Vec<Duration>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the reader's runtime");
+        runtime.block_on(async move {
+            let client = reqwest::Client::new();
+            let start = tokio::time::Instant::now();
+            let mut senders = tokio::task::JoinSet::new();
+            for n in 0..connections {
+                let (client, url) = (client.clone(), url.clone());
+                senders.spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut next = start + every.mul_f64(n as f64 / connections as f64);
+                    while next < start + duration {
+                        tokio::time::sleep_until(next).await;
+                        // Timed from the send: the timer wakes up to a millisecond late.
+                        let sent = Instant::now();
+                        let response = client.get(&url).send().await.expect("GET");
+                        response.bytes().await.expect("body");
+                        latencies.push(sent.elapsed());
+                        next += every;
+                    }
+                    latencies
+                });
+            }
+            let mut all: Vec<Duration> = senders.join_all().await.into_iter().flatten().collect();
+            all.sort();
+            all
+        })
+    })
+}
+
+/// A read's latency while registrations run flat out, against the same reads on an idle
+/// daemon: 1,000 GET/s of `?limit=1`, and beside them 1,000 GET/s of a path no route takes,
+/// which the router answers without asking the registry: what any answer costs while the
+/// burst's clients, fake Proxmox and daemon share the cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+async fn bench_read_latency_during_registrations() {
+    const CONNECTIONS: usize = 4;
+    const EVERY: Duration = Duration::from_millis(4);
+    const WINDOW: Duration = Duration::from_secs(3);
+    let fake = FakePve::start().await;
+    let app = quiet_daemon_for_many_connections().await;
+    register_range(&app, &fake, 0, 100).await;
+    // Past the first checks and the member probes that follow registration.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let list = app.api_url("/clusters?limit=1");
+    let unrouted = format!("{}/no-such-path", app.base_url());
+    let readers = |window| {
+        (
+            paced_reads(list.clone(), CONNECTIONS, EVERY, window),
+            paced_reads(unrouted.clone(), CONNECTIONS, EVERY, window),
+        )
+    };
+    let (idle_list, idle_unrouted) = readers(WINDOW);
+    let idle = (
+        idle_list.join().expect("idle reads"),
+        idle_unrouted.join().expect("idle reads"),
+    );
+    let (busy_list, busy_unrouted) = readers(WINDOW);
+    let rate = register_range(&app, &fake, 100, 8_000).await;
+    let busy = (
+        busy_list.join().expect("reads during the burst"),
+        busy_unrouted.join().expect("reads during the burst"),
+    );
+    println!(
+        "paced GET ?limit=1 during {rate:.0} registrations/s: p50 {:?} / p99 {:?} (idle {:?} / {:?}); \
+         unrouted path: p50 {:?} / p99 {:?} (idle {:?} / {:?})",
+        percentile(&busy.0, 0.5),
+        percentile(&busy.0, 0.99),
+        percentile(&idle.0, 0.5),
+        percentile(&idle.0, 0.99),
+        percentile(&busy.1, 0.5),
+        percentile(&busy.1, 0.99),
+        percentile(&idle.1, 0.5),
+        percentile(&idle.1, 0.99),
     );
 }
