@@ -60,6 +60,12 @@ impl ProxmoxRuntime {
         }
     }
 
+    /// A runtime of the test's choosing, such as one nobody drives.
+    #[cfg(test)]
+    pub fn on(handle: Handle) -> Self {
+        Self { handle }
+    }
+
     /// While the guard lives, tasks spawned by the caller run on the Proxmox thread.
     pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
         self.handle.enter()

@@ -773,19 +773,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_monitor_is_restarted_and_keeps_checking() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.redb")).expect("store");
-        let vault = Vault::create(&dir.path().join("key")).expect("key");
-        let (url, connections) = hang_up_server();
+    /// A healthy cluster named `lab` at `url`, sealed by `vault`.
+    fn lab_cluster(url: &str, vault: &Vault) -> (ClusterRecord, Credentials) {
         let id = ClusterId::now_v7();
         let now = Utc::now();
         let record = ClusterRecord {
             format: ClusterRecord::FORMAT,
             id,
             name: ClusterName::parse("lab").expect("name"),
-            api_endpoint: Endpoint::parse(&url).expect("endpoint"),
+            api_endpoint: Endpoint::parse(url).expect("endpoint"),
             username: ProxmoxUser::parse("root@pam").expect("user"),
             auth_method: crate::domain::AuthMethod::Password,
             token_id: None,
@@ -808,6 +804,29 @@ mod tests {
             username: record.username.clone(),
             password: Secret::new("pw"),
         };
+        (record, credentials)
+    }
+
+    fn fast_settings() -> RegistrySettings {
+        RegistrySettings {
+            monitor: MonitorSettings {
+                interval: Duration::from_millis(50),
+                proxmox_timeout: Duration::from_millis(200),
+                members: crate::proxmox::members::MemberPolicy::default(),
+            },
+            failure_threshold: 3,
+            flush_interval: FLUSH_INTERVAL,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_monitor_is_restarted_and_keeps_checking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.redb")).expect("store");
+        let vault = Vault::create(&dir.path().join("key")).expect("key");
+        let (url, connections) = hang_up_server();
+        let (record, credentials) = lab_cluster(&url, &vault);
+        let id = record.id;
         let (registry, task) = Actor::spawn(
             None,
             RegistryActor,
@@ -815,15 +834,7 @@ mod tests {
                 store,
                 vault: Arc::new(vault),
                 clusters: vec![Cluster::loaded(record, credentials, Vec::new())],
-                settings: RegistrySettings {
-                    monitor: MonitorSettings {
-                        interval: Duration::from_millis(50),
-                        proxmox_timeout: Duration::from_secs(1),
-                        members: crate::proxmox::members::MemberPolicy::default(),
-                    },
-                    failure_threshold: 3,
-                    flush_interval: FLUSH_INTERVAL,
-                },
+                settings: fast_settings(),
                 trust: TrustAnchors::load(None, false).expect("trust anchors"),
                 proxmox: ProxmoxRuntime::current(),
                 leadership: Leadership::standalone(),
@@ -863,5 +874,66 @@ mod tests {
 
         registry.stop(None);
         task.await.expect("registry stops cleanly");
+    }
+
+    #[tokio::test]
+    async fn a_cluster_whose_monitor_never_reports_is_rendered_stale_once_its_deadline_passes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.redb")).expect("store");
+        let vault = Vault::create(&dir.path().join("key")).expect("key");
+        let (url, connections) = hang_up_server();
+        let (record, credentials) = lab_cluster(&url, &vault);
+        let id = record.id;
+        // The monitors' runtime is never driven: the monitor starts but never checks, as a
+        // stuck one would.
+        let frozen = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let settings = fast_settings();
+        let stale_after =
+            settings.monitor.interval * STALE_AFTER_INTERVALS + settings.monitor.longest_silence();
+        let (registry, task) = Actor::spawn(
+            None,
+            RegistryActor,
+            RegistryArgs {
+                store,
+                vault: Arc::new(vault),
+                // Just registered: checked now, by the registration's probe.
+                clusters: vec![Cluster::registered(record, credentials)],
+                settings,
+                trust: TrustAnchors::load(None, false).expect("trust anchors"),
+                proxmox: ProxmoxRuntime::on(frozen.handle().clone()),
+                leadership: Leadership::standalone(),
+            },
+        )
+        .await
+        .expect("registry starts");
+
+        let rendered_reason = || async {
+            let read = ractor::call!(registry, RegistryMsg::ReadCluster, id)
+                .expect("registry answers")
+                .expect("cluster registered");
+            let body: serde_json::Value =
+                serde_json::from_slice(&read.rendered.body).expect("JSON");
+            body["status_reason"].as_str().map(str::to_owned)
+        };
+        assert_eq!(rendered_reason().await.as_deref(), Some("ok"));
+        let started = Instant::now();
+        let deadline = started + stale_after + Duration::from_secs(10);
+        while rendered_reason().await.as_deref() != Some("stale") {
+            assert!(Instant::now() < deadline, "never rendered stale");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() >= stale_after - Duration::from_millis(100));
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            0,
+            "the monitor never checked"
+        );
+
+        registry.stop(None);
+        task.await.expect("registry stops cleanly");
+        frozen.shutdown_background();
     }
 }
