@@ -254,7 +254,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     match ractor::call_t!(registry, registry::RegistryMsg::Snapshot, 5_000) {
-        Ok(snapshot) => systemd::ready(&snapshot),
+        Ok(snapshot) => systemd::ready(&snapshot.figures()),
         Err(e) => return Err(StartupError::Registry(e.to_string())),
     }
     systemd::spawn_supervision(registry.clone(), stop_rx.clone());

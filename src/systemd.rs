@@ -76,7 +76,7 @@ pub fn spawn_supervision(registry: ActorRef<RegistryMsg>, mut stop: watch::Recei
             }
             match call_t!(registry, RegistryMsg::Snapshot, reply_timeout_ms) {
                 Ok(snapshot) => {
-                    let line = status_line(&snapshot);
+                    let line = status_line(&snapshot.figures());
                     if watchdog.is_some() {
                         notify(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
                     } else {

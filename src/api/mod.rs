@@ -236,7 +236,7 @@ async fn health(State(state): State<AppState>) -> Result<Json<openapi::Health>, 
         (status = 503, description = "The registry did not answer", body = openapi::ErrorBody),
     ))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let snapshot = ask(&state.registry, RegistryMsg::Snapshot).await?;
+    let snapshot = ask(&state.registry, RegistryMsg::Snapshot).await?.figures();
     let report = ask(&state.registry, RegistryMsg::Ping).await?;
     let text = crate::metrics::render(
         state.metrics.as_ref(),

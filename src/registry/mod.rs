@@ -43,7 +43,7 @@ use registration::{PendingRegistration, StoringRegistration};
 pub use settings::ClusterPatch;
 use settings::PatchQueue;
 use supervision::{MonitorHandle, RestartBackoff, spawn_monitor};
-use views::{ReadCluster, ReadList, ReadModel, Rendered};
+use views::{ListSnapshot, ReadCluster, ReadList, ReadModel, Rendered};
 use writer::Writer;
 
 /// How often monitor results that changed something are written to redb, in one transaction.
@@ -168,8 +168,9 @@ pub enum RegistryMsg {
     },
     /// Subscribes to change events, replaying those after the given event id.
     Subscribe(Option<u64>, RpcReplyPort<Subscription>),
-    /// Figures for `/metrics` and systemd's status line.
-    Snapshot(RpcReplyPort<Vec<ClusterSnapshot>>),
+    /// The list as rendered, whose [`ListSnapshot::figures`] feed `/metrics` and systemd's
+    /// status line: taking it is a pointer copy, and the figures are read outside the registry.
+    Snapshot(RpcReplyPort<Arc<ListSnapshot>>),
     /// A monitor's check is done.
     CheckCompleted {
         cluster: ClusterId,
@@ -239,7 +240,7 @@ pub struct RegistryActor;
 #[derive(Debug, Clone)]
 pub struct ClusterSnapshot {
     /// The cluster as the API shows it.
-    pub view: ClusterView,
+    pub view: Arc<ClusterView>,
     /// Since Proxmox last answered a check, if it has since the daemon started.
     pub seconds_since_success: Option<f64>,
 }
@@ -474,16 +475,7 @@ impl Actor for RegistryActor {
                 let _ = reply.send(state.events.subscribe(last_event_id));
             }
             RegistryMsg::Snapshot(reply) => {
-                let stale_after = state.stale_after();
-                let snapshot = state
-                    .clusters
-                    .values()
-                    .map(|c| ClusterSnapshot {
-                        view: c.view(stale_after),
-                        seconds_since_success: c.seconds_since_success(),
-                    })
-                    .collect();
-                let _ = reply.send(snapshot);
+                let _ = reply.send(state.views.list().snapshot);
             }
             RegistryMsg::CheckCompleted {
                 cluster,
@@ -633,7 +625,9 @@ fn render(state: &mut RegistryState, id: ClusterId, with_history: bool) {
             None => state.stale_deadlines.forget(id),
         }
     }
-    state.views.put_cluster(&view, cluster.record.created_at);
+    state
+        .views
+        .put_cluster(&view, cluster.record.created_at, cluster.last_success());
     if with_history {
         state.views.put_history(id, &cluster.history_newest_first());
     }

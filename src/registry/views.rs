@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::ClusterSnapshot;
 use crate::cluster::{ClusterView, Transition};
 use crate::domain::{ClusterId, ClusterStatus};
 
@@ -187,6 +188,11 @@ pub struct ListEntry {
     pub status: ClusterStatus,
     /// The rendered Cluster object and its tag.
     pub rendered: Rendered,
+    /// What was rendered, for the metrics and systemd's status line to read outside the
+    /// registry.
+    pub view: Arc<ClusterView>,
+    /// When Proxmox last answered a check, if it has since the daemon started.
+    pub last_success: Option<Instant>,
 }
 
 /// A place in the list: registration time at full precision, then id. The list shows
@@ -341,6 +347,16 @@ impl ListSnapshot {
     /// Every entry, newest first.
     pub fn newest_first(&self) -> impl Iterator<Item = &Arc<ListEntry>> {
         self.entries.values().rev()
+    }
+
+    /// Every cluster's figures, newest first, for the metrics and systemd's status line.
+    pub fn figures(&self) -> Vec<ClusterSnapshot> {
+        self.newest_first()
+            .map(|entry| ClusterSnapshot {
+                view: entry.view.clone(),
+                seconds_since_success: entry.last_success.map(|at| at.elapsed().as_secs_f64()),
+            })
+            .collect()
     }
 
     /// The whole list, the seed shape `{"clusters": [...], "total": N}`.
@@ -506,7 +522,12 @@ impl ReadModel {
     ///
     /// Runs on the registry for every check, so it serialises once and hashes the bytes it
     /// sends; a check that changed nothing shown (several in one second) costs a comparison.
-    pub fn put_cluster(&mut self, view: &ClusterView, created_at: DateTime<Utc>) {
+    pub fn put_cluster(
+        &mut self,
+        view: &ClusterView,
+        created_at: DateTime<Utc>,
+        last_success: Option<Instant>,
+    ) {
         let body = match serde_json::to_vec(view) {
             Ok(body) => body,
             Err(e) => {
@@ -517,6 +538,7 @@ impl ReadModel {
         if let Some(entry) = self.entries.get(&view.id)
             && entry.current.rendered.body == body[..]
             && entry.current.created_at == created_at
+            && entry.current.last_success == last_success
         {
             return;
         }
@@ -530,6 +552,8 @@ impl ReadModel {
                 body: Bytes::from(body),
                 etag,
             },
+            view: Arc::new(view.clone()),
+            last_success,
         });
         let tag_changed = match self.entries.get_mut(&view.id) {
             Some(entry) => {
@@ -714,10 +738,18 @@ mod tests {
     fn the_tag_ignores_last_checked_at_and_nothing_else() {
         let id = ClusterId::now_v7();
         let mut model = ReadModel::new();
-        model.put_cluster(&view(id, "a", ClusterStatus::Healthy, 1), registered(0));
+        model.put_cluster(
+            &view(id, "a", ClusterStatus::Healthy, 1),
+            registered(0),
+            None,
+        );
         let first = model.cluster(id).map(|r| r.rendered);
         let mut changes = model.cluster(id).map(|r| r.changes);
-        model.put_cluster(&view(id, "a", ClusterStatus::Healthy, 2), registered(0));
+        model.put_cluster(
+            &view(id, "a", ClusterStatus::Healthy, 2),
+            registered(0),
+            None,
+        );
         let second = model.cluster(id).map(|r| r.rendered);
         let (Some(first), Some(second)) = (first, second) else {
             panic!("the cluster is rendered");
@@ -730,7 +762,11 @@ mod tests {
                 .is_some_and(|c| !c.has_changed().unwrap_or(true))
         );
 
-        model.put_cluster(&view(id, "a", ClusterStatus::Degraded, 2), registered(0));
+        model.put_cluster(
+            &view(id, "a", ClusterStatus::Degraded, 2),
+            registered(0),
+            None,
+        );
         let third = model.cluster(id).map(|r| r.rendered.etag);
         assert_ne!(third, Some(first.etag));
         assert!(
@@ -806,7 +842,7 @@ mod tests {
             } else {
                 ClusterStatus::Healthy
             };
-            model.put_cluster(&view(id, &format!("c{i}"), status, 0), registered(i));
+            model.put_cluster(&view(id, &format!("c{i}"), status, 0), registered(i), None);
             ids.push(id);
         }
         (model, ids)
@@ -835,6 +871,7 @@ mod tests {
         model.put_cluster(
             &view(ClusterId::now_v7(), "c6", ClusterStatus::Healthy, 0),
             registered(6),
+            None,
         );
         model.remove(ids[4]);
         model.remove(ids[2]);
@@ -878,6 +915,7 @@ mod tests {
         model.put_cluster(
             &view(ids[1], "c1", ClusterStatus::Unhealthy, 0),
             registered(1),
+            None,
         );
         let after = model.list().snapshot.query(&degraded);
         assert_eq!(after.etag, before.etag);
@@ -923,6 +961,7 @@ mod tests {
         model.put_cluster(
             &view(ids[0], "c0", ClusterStatus::Degraded, 9),
             registered(0),
+            None,
         );
         let soon = model.list_at(start);
         assert!(
@@ -951,6 +990,7 @@ mod tests {
         model.put_cluster(
             &view(ids[1], "c1", ClusterStatus::Unknown, 9),
             registered(1),
+            None,
         );
         let now = model.list_at(start + LIST_BODY_REFRESH);
         assert_ne!(now.snapshot.etag, later.snapshot.etag);
