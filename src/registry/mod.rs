@@ -813,8 +813,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_monitor_is_restarted_and_keeps_checking() {
+    /// A standalone registry over a fresh database holding the `lab` cluster (made by
+    /// `cluster` from its record) at a Proxmox that hangs up, with its monitors on `proxmox`.
+    struct TestRegistry {
+        registry: ActorRef<RegistryMsg>,
+        task: tokio::task::JoinHandle<()>,
+        id: ClusterId,
+        connections: Arc<AtomicUsize>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn start_registry(
+        cluster: impl FnOnce(ClusterRecord, Credentials) -> Cluster,
+        proxmox: ProxmoxRuntime,
+    ) -> TestRegistry {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db.redb")).expect("store");
         let vault = Vault::create(&dir.path().join("key")).expect("key");
@@ -827,15 +839,37 @@ mod tests {
             RegistryArgs {
                 store,
                 vault: Arc::new(vault),
-                clusters: vec![Cluster::loaded(record, credentials, Vec::new())],
+                clusters: vec![cluster(record, credentials)],
                 settings: fast_settings(),
                 trust: TrustAnchors::load(None, false).expect("trust anchors"),
-                proxmox: ProxmoxRuntime::current(),
+                proxmox,
                 leadership: Leadership::standalone(),
             },
         )
         .await
         .expect("registry starts");
+        TestRegistry {
+            registry,
+            task,
+            id,
+            connections,
+            _dir: dir,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_monitor_is_restarted_and_keeps_checking() {
+        let TestRegistry {
+            registry,
+            task,
+            id,
+            connections,
+            _dir,
+        } = start_registry(
+            |record, credentials| Cluster::loaded(record, credentials, Vec::new()),
+            ProxmoxRuntime::current(),
+        )
+        .await;
 
         let monitor_of = || async {
             ractor::call!(registry, RegistryMsg::MonitorOf, id).expect("registry answers")
@@ -872,12 +906,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_cluster_whose_monitor_never_reports_is_rendered_stale_once_its_deadline_passes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.redb")).expect("store");
-        let vault = Vault::create(&dir.path().join("key")).expect("key");
-        let (url, connections) = hang_up_server();
-        let (record, credentials) = lab_cluster(&url, &vault);
-        let id = record.id;
         // The monitors' runtime is never driven: the monitor starts but never checks, as a
         // stuck one would.
         let frozen = tokio::runtime::Builder::new_current_thread()
@@ -887,22 +915,18 @@ mod tests {
         let settings = fast_settings();
         let stale_after =
             settings.monitor.interval * STALE_AFTER_INTERVALS + settings.monitor.longest_silence();
-        let (registry, task) = Actor::spawn(
-            None,
-            RegistryActor,
-            RegistryArgs {
-                store,
-                vault: Arc::new(vault),
-                // Just registered: checked now, by the registration's probe.
-                clusters: vec![Cluster::registered(record, credentials)],
-                settings,
-                trust: TrustAnchors::load(None, false).expect("trust anchors"),
-                proxmox: ProxmoxRuntime::on(frozen.handle().clone()),
-                leadership: Leadership::standalone(),
-            },
+        // Just registered: checked now, by the registration's probe.
+        let TestRegistry {
+            registry,
+            task,
+            id,
+            connections,
+            _dir,
+        } = start_registry(
+            Cluster::registered,
+            ProxmoxRuntime::on(frozen.handle().clone()),
         )
-        .await
-        .expect("registry starts");
+        .await;
 
         let rendered_reason = || async {
             let read = ractor::call!(registry, RegistryMsg::ReadCluster, id)
