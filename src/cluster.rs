@@ -382,14 +382,9 @@ impl Cluster {
         self.history.iter().rev().cloned().collect()
     }
 
-    /// Seconds since Proxmox last answered a check, if it has since the daemon started.
     /// When Proxmox last answered a check, if it has since the daemon started.
     pub fn last_success(&self) -> Option<Instant> {
         self.last_success
-    }
-
-    pub fn seconds_since_success(&self) -> Option<f64> {
-        self.last_success.map(|at| at.elapsed().as_secs_f64())
     }
 
     pub fn id(&self) -> ClusterId {

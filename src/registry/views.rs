@@ -182,14 +182,12 @@ pub struct ListEntry {
     pub id: ClusterId,
     /// When it was registered (full precision), the list's order.
     pub created_at: DateTime<Utc>,
-    /// Its name, for prefix filters.
-    pub name: String,
     /// The status as shown (stale shows as unknown).
     pub status: ClusterStatus,
     /// The rendered Cluster object and its tag.
     pub rendered: Rendered,
-    /// What was rendered, for the metrics and systemd's status line to read outside the
-    /// registry.
+    /// What was rendered: its name for prefix filters, and everything for the metrics and
+    /// systemd's status line to read outside the registry.
     pub view: Arc<ClusterView>,
     /// When Proxmox last answered a check, if it has since the daemon started.
     pub last_success: Option<Instant>,
@@ -294,7 +292,7 @@ impl ListFilter {
             && self
                 .name_prefix
                 .as_ref()
-                .is_none_or(|prefix| entry.name.starts_with(prefix.as_str()))
+                .is_none_or(|prefix| entry.view.name.starts_with(prefix.as_str()))
     }
 }
 
@@ -546,7 +544,6 @@ impl ReadModel {
         let current = Arc::new(ListEntry {
             id: view.id,
             created_at,
-            name: view.name.clone(),
             status: view.status,
             rendered: Rendered {
                 body: Bytes::from(body),
